@@ -1,0 +1,3 @@
+from ftdist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""``ftdist`` command line: train, data prepare, tune, submit, config show.
+
+User errors (:class:`ftdist.errors.UserError`) print one line and exit 2; ``--debug`` shows the
+traceback. Anything else is an internal error and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ftdist.errors import UserError
+
+
+def _env_defaults() -> None:
+    # Quiet, offline-friendly defaults; users can override them in their environment.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:
+        pass
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (see README config reference)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, e.g. --set train.learning_rate=3e-5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftdist", description="Distributed fine-tuning: Ray Train + DeepSpeed")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (or resume) a run from a config")
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+
+    p = sub.add_parser("config", help="print the fully resolved config (secrets redacted)")
+    _add_config_args(p)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize JSONL/CSV/Parquet into streamable shards")
+    p.add_argument("--input", required=True, help="raw file: local path or any fsspec URL (s3://...)")
+    p.add_argument("--output", required=True, help="data set prefix to create (local or s3://...)")
+    p.add_argument("--model", required=True, help="model or tokenizer path/hub id whose tokenizer to use")
+    p.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm"])
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--label-names", help="comma-separated class names in id order (default: sorted values)")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,test fractions")
+    p.add_argument("--rows-per-shard", type=int, default=20000)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet"])
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--limit", type=int, help="keep a seeded random sample of this many rows")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set at --output")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ftdist.config import load_config
+    from ftdist.launcher import format_summary, run_training
+
+    started = time.time()
+    overrides = list(args.overrides) + ([f"scaling.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)
+    summary = run_training(cfg, started_at=started)
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ftdist.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ftdist.config import PrepareSection, StorageSection
+    from ftdist.data.prepare import prepare
+
+    try:
+        split = [float(x) for x in args.split.split(",")]
+    except ValueError:
+        raise UserError(f"--split {args.split!r} must be three numbers like 0.8,0.1,0.1") from None
+    if args.rows_per_shard < 1 or args.max_length < 8:
+        raise UserError("--rows-per-shard must be >= 1 and --max-length >= 8")
+    spec = PrepareSection(input=args.input, format=args.format, text_field=args.text_field,
+                          label_field=args.label_field if args.task == "sequence-classification" else None,
+                          split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding, limit=args.limit)
+    cfg = StorageSection(endpoint_url=args.endpoint_url)
+    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+    manifests = prepare(spec, args.output, args.model, args.max_length, args.task, cfg, seed=args.seed,
+                        label_names=names, overwrite=args.overwrite)
+    out: dict[str, Any] = {s: {"rows": m.num_rows, "shards": len(m.shards)} for s, m in manifests.items()}
+    labels = manifests["train"].label_names
+    print(json.dumps({"output": args.output, "splits": out, **({"label_names": labels} if labels else {})}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            return cmd_data_prepare(args)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"ftdist: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ftdist: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        return 130

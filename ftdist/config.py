@@ -1,0 +1,369 @@
+"""The run configuration: one YAML file, validated by a schema, addressable by dotted path.
+
+Sections (all documented in README's config reference): ``run``, ``model``, ``data``, ``train``,
+``deepspeed``, ``scaling``, ``storage``. Every key can be overridden with ``--set dotted.key=value``
+and swept by Ray Tune under the same dotted path. Unknown keys are errors with a "did you mean"
+hint. Values may reference the environment as ``${env:NAME}``; such references are resolved only
+where a value is used (e.g. when a filesystem is opened on a worker), so secrets never travel in
+the config object, Ray's metadata or the saved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftdist.errors import UserError
+
+TASKS = ("sequence-classification", "causal-lm")
+#: metrics each task reports on the validation split (``val_`` prefix in reports)
+TASK_METRICS: dict[str, dict[str, str]] = {
+    "sequence-classification": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
+    "causal-lm": {"loss": "min", "perplexity": "min"},
+}
+DEFAULT_EVAL_METRIC = {"sequence-classification": "accuracy", "causal-lm": "loss"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("ftdist-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="run name: the folder under storage.path; rerunning the same name resumes")
+    seed: int = Field(42, ge=0)
+
+
+class ModelSection(Section):
+    path: str = Field(..., description="hub id, local folder, s3://... or pkg://python_package/subdir")
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    num_labels: int | None = Field(None, ge=2)
+    label_names: list[str] | None = None
+    tokenizer: str | None = Field(None, description="defaults to model.path")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _labels(self) -> "ModelSection":
+        if self.task == "sequence-classification":
+            if self.label_names and self.num_labels and len(self.label_names) != self.num_labels:
+                raise ValueError(f"model.label_names has {len(self.label_names)} names but "
+                                 f"model.num_labels is {self.num_labels}; make them agree")
+        elif self.num_labels or self.label_names:
+            raise ValueError("model.num_labels/label_names only apply to task sequence-classification; "
+                             "remove them for causal-lm")
+        return self
+
+
+class PrepareSection(Section):
+    """Build ``data.path`` from a raw file the first time a run needs it (same as ``ftdist data prepare``)."""
+
+    input: str
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    text_field: str = "text"
+    label_field: str | None = "label"
+    split: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])
+    rows_per_shard: int = Field(20000, ge=1)
+    encoding: str = "utf-8"
+    limit: int | None = Field(None, ge=1, description="keep a seeded random sample of this many rows")
+
+
+class DataSection(Section):
+    path: str = Field(..., description="prepared data set prefix holding train/ validation/ test/")
+    prepare: PrepareSection | None = None
+    max_length: int = Field(128, ge=8)
+    shuffle_buffer: int = Field(4096, ge=1)
+    prefetch_shards: int = Field(2, ge=0)
+    length_bucketing: bool = Field(True, description="group similar lengths inside the shuffle buffer")
+    record_sample_ids: bool = Field(False, description="keep trained sample ids in checkpoints (tests/audits)")
+
+
+class TrainSection(Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, description="micro batch per worker")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    eval_metric: str | None = Field(None, description="validation metric for best/early stopping")
+    eval_mode: Literal["min", "max"] | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    log_every_steps: int = Field(50, ge=1)
+    compile: bool = False
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU; auto for known GPUs")
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    mixed_precision: Literal["torch_autocast", "deepspeed"] = Field(
+        "torch_autocast", description="how bf16/fp16 is applied; torch_autocast measured faster (bench/)")
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+    allgather_bucket_size: int = Field(50_000_000, ge=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged last")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSection":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        return self
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    accelerator_type: str | None = None
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
+    placement_timeout_s: float = Field(300, gt=0, description="fail if the cluster cannot place the workers by then")
+    collective_timeout_s: float = Field(1800, gt=0, description="a rank stuck in a collective fails the run after this")
+    address: str | None = Field(None, description="Ray cluster address; unset = RAY_ADDRESS or a local cluster")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process local cluster")
+
+
+class StorageSection(Section):
+    path: str = Field("./runs", description="run folders go here; local path or s3://...")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="fsspec/s3fs options; use ${env:NAME} for secrets")
+    retries: int = Field(5, ge=0)
+    retry_budget_s: float = Field(60, gt=0)
+    num_checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+
+    @model_validator(mode="after")
+    def _metric(self) -> "RunConfig":
+        metrics = TASK_METRICS[self.model.task]
+        metric = self.train.eval_metric
+        if metric is not None and metric not in metrics:
+            raise ValueError(f"train.eval_metric '{metric}' is not reported for task {self.model.task}; "
+                             f"choose one of {', '.join(metrics)}")
+        return self
+
+    # The metric that picks the best checkpoint, drives early stopping and is Tune's default.
+    @property
+    def eval_metric(self) -> str:
+        return self.train.eval_metric or DEFAULT_EVAL_METRIC[self.model.task]
+
+    @property
+    def eval_mode(self) -> str:
+        return self.train.eval_mode or TASK_METRICS[self.model.task][self.eval_metric]
+
+    def run_uri(self) -> str:
+        return join_uri(self.storage.path, self.run.name)
+
+    def fingerprint(self) -> str:
+        """Hash of what makes two runs the same run (resume) or different (refuse to overwrite).
+
+        Scaling and storage details may change between a crash and a rerun (fewer nodes, a new
+        endpoint) without making it another run, so they are left out.
+        """
+        d = self.model_dump(mode="json", exclude={"scaling": True, "storage": True})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) or (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                out.extend(_known_paths(cand, path + "."))
+    return out
+
+
+KNOWN_PATHS = _known_paths(RunConfig)
+
+
+def did_you_mean(path: str, candidates: list[str] | None = None) -> str:
+    candidates = candidates if candidates is not None else KNOWN_PATHS
+    leaf_matches = [c for c in candidates if c.split(".")[-1] == path.split(".")[-1] and c != path]
+    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6) or leaf_matches[:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"--set '{item}' must look like dotted.key=value, e.g. --set train.learning_rate=3e-5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise UserError(f"--set key '{key}' is not a dotted path like train.learning_rate")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: '{p}' is not a section; {did_you_mean(key).lstrip('; ') or 'check the key'}")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def get_dotted(d: dict[str, Any], key: str) -> Any:
+    cur: Any = d
+    for p in key.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            raise KeyError(key)
+        cur = cur[p]
+    return cur
+
+
+def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} file '{path}' not found; check the path")
+    if p.is_dir():
+        raise UserError(f"{what} file '{path}' is a directory; pass the YAML file inside it")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} file '{path}' is not readable ({e.__class__.__name__}); check its permissions/encoding")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}")
+    if not isinstance(data, dict):
+        raise UserError(f"{what} file '{path}' must hold a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def validation_message(err: ValidationError, source: str) -> str:
+    """One line for the first schema violation, naming the dotted key and the fix."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'{did_you_mean(loc)}"
+    if e["type"] == "missing":
+        return f"{source}: required key '{loc}' is missing; add it (see README config reference)"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
+    return f"{source}: '{loc}': {msg}{got_s}" if loc else f"{source}: {msg}"
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> RunConfig:
+    raw = copy.deepcopy(data) if data is not None else read_yaml(path)  # type: ignore[arg-type]
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key not in KNOWN_PATHS and not _is_free_dict_key(key):
+            raise UserError(f"--set: unknown key '{key}'{did_you_mean(key)}")
+        set_dotted(raw, key, value)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(validation_message(e, str(path) if path else "config")) from None
+    return cfg
+
+
+def _is_free_dict_key(key: str) -> bool:
+    return any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|(^|_)key$|^key$|auth)", re.I)
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+REDACTED = "***"
+
+
+def redact(obj: Any) -> Any:
+    """A copy with every value under a secret-looking key replaced (``${env:...}`` refs are kept: they are not secrets)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", {}) and not (
+                    isinstance(v, str) and _ENV_REF.fullmatch(v)):
+                out[k] = REDACTED if not isinstance(v, dict) else redact(v)
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_uri(obj)
+    return obj
+
+
+def redact_uri(s: str) -> str:
+    """Strip ``user:password@`` from URLs."""
+    return re.sub(r"(\w+://)[^/@\s]+:[^/@\s]+@", r"\1" + REDACTED + "@", s)
+
+
+def resolve_env_refs(obj: Any) -> Any:
+    """Replace ``${env:NAME}`` with the environment's value; only called where the value is used."""
+    if isinstance(obj, dict):
+        return {k: resolve_env_refs(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resolve_env_refs(v) for v in obj]
+    if isinstance(obj, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise UserError(f"config refers to ${{env:{name}}} but {name} is not set in this process's "
+                                f"environment; export it (on every node) or remove the reference")
+            return os.environ[name]
+        return _ENV_REF.sub(sub, obj)
+    return obj
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML, secrets redacted: what goes into the run folder."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

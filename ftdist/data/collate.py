@@ -1,0 +1,46 @@
+"""Rows -> tensors, padded to the longest sequence in the batch (never to max_length)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int, task: str, pad_to_multiple_of: int = 1,
+            pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Dynamic padding. Causal LM labels are the inputs with padding masked out (the model shifts)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    if pad_to_multiple_of > 1:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        seq = r["input_ids"]
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "causal-lm":
+        batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    else:
+        batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
+    batch["sample_id"] = torch.as_tensor([r["sample_id"] for r in rows], dtype=torch.long)
+    if pin_memory:
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+def pad_to_length(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad an already collated batch to a fixed length (the max_length baseline in bench/)."""
+    n, cur = batch["input_ids"].shape
+    if cur >= length:
+        return batch
+    extra = length - cur
+    out = dict(batch)
+    out["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id)
+    out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+    if batch["labels"].dim() == 2:
+        out["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    return out

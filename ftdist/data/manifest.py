@@ -1,0 +1,114 @@
+"""The on-storage format of a prepared data set, and its validation.
+
+Layout: ``<prefix>/<split>/part-NNNNN.parquet`` plus ``<prefix>/<split>/manifest.json``. The manifest
+is written last, so a split without one is incomplete and is never read. Columns:
+``sample_id`` (int64, unique across splits), ``input_ids`` (list<int32>, not padded), ``length``
+(int32, for length bucketing without decoding), and ``label`` (int64) for classification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftdist.config import StorageSection, join_uri
+from ftdist.errors import UserError
+from ftdist import storage
+
+FORMAT = "ftdist-dataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    split: str
+    task: str
+    num_rows: int
+    shards: list[ShardInfo]
+    max_length: int
+    tokenizer: dict[str, Any]
+    label_names: list[str] | None = None
+    label_counts: list[int] | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+
+    def to_json(self) -> str:
+        d = {"format": FORMAT, "version": VERSION, **self.__dict__,
+             "shards": [s.__dict__ for s in self.shards]}
+        return json.dumps(d, indent=2)
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names else None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Identity of a tokenizer: same vocabulary and special tokens -> same ids for the same text."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    h = hashlib.sha256(json.dumps([vocab, specials, type(tokenizer).__name__.removesuffix("Fast")]).encode())
+    return {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(vocab), "sha256": h.hexdigest()[:16]}
+
+
+def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
+    """Read and check a split's manifest; every problem is a one-line UserError naming the URI."""
+    uri = join_uri(split_uri, MANIFEST)
+    if not storage.exists(uri, cfg):
+        if not storage.listdir(split_uri, cfg):
+            raise UserError(f"data set split '{split_uri}' does not exist or is empty; "
+                            f"run `ftdist data prepare` or fix data.path")
+        raise UserError(f"'{uri}' is missing: the data set at '{split_uri}' is incomplete or not an ftdist data "
+                        f"set; (re)run `ftdist data prepare`")
+    try:
+        d = json.loads(storage.read_text(uri, cfg))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"'{uri}' is not valid JSON; re-run `ftdist data prepare`") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise UserError(f"'{uri}' is not an ftdist manifest (format != {FORMAT}); re-run `ftdist data prepare`")
+    if d.get("version") != VERSION:
+        raise UserError(f"'{uri}' has manifest version {d.get('version')!r}; this ftdist reads version {VERSION}; "
+                        f"re-run `ftdist data prepare` with this version")
+    try:
+        m = Manifest(split=d["split"], task=d["task"], num_rows=int(d["num_rows"]),
+                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=int(d["max_length"]),
+                     tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
+                     columns=d.get("columns", {}), source=d.get("source"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"'{uri}' is malformed ({e.__class__.__name__}: {e}); re-run `ftdist data prepare`") from None
+    if m.num_rows == 0 or not m.shards:
+        raise UserError(f"data set split '{split_uri}' is empty (0 rows); prepare it with more data or "
+                        f"change the --split fractions")
+    if sum(s.rows for s in m.shards) != m.num_rows:
+        raise UserError(f"'{uri}': shard row counts do not add up to num_rows; re-run `ftdist data prepare`")
+    needed = {"sample_id", "input_ids"} | ({"label"} if m.task == "sequence-classification" else set())
+    missing = needed - set(m.columns)
+    if missing:
+        raise UserError(f"data set '{split_uri}' lacks column(s) {sorted(missing)} needed for task {m.task}; "
+                        f"prepare it with the right --task/--label-field")
+    return m
+
+
+def check_compatible(m: Manifest, split_uri: str, task: str, num_labels: int | None,
+                     tokenizer_fp: dict[str, Any] | None) -> None:
+    """Refuse a data set that does not fit the model: wrong task, labels out of range, other tokenizer."""
+    if m.task != task:
+        raise UserError(f"data set '{split_uri}' was prepared for task {m.task} but model.task is {task}; "
+                        f"re-prepare it or change model.task")
+    if task == "sequence-classification" and num_labels is not None and m.num_labels is not None:
+        if m.num_labels > num_labels:
+            raise UserError(f"data set '{split_uri}' has labels 0..{m.num_labels - 1} ({', '.join(m.label_names or [])}) "
+                            f"but model.num_labels is {num_labels}; set model.num_labels: {m.num_labels}")
+    if tokenizer_fp is not None and m.tokenizer.get("sha256") != tokenizer_fp.get("sha256"):
+        raise UserError(f"data set '{split_uri}' was tokenized with '{m.tokenizer.get('name')}' but the model's tokenizer "
+                        f"'{tokenizer_fp.get('name')}' differs; re-run `ftdist data prepare --model` with the model's tokenizer")

@@ -1,0 +1,276 @@
+"""``ftdist data prepare``: raw JSONL/CSV/Parquet (local or any fsspec URL) -> tokenized shards.
+
+Streaming end to end: the input is read in record batches, rows are assigned to splits in seeded,
+label-stratified blocks, each split keeps a bounded shuffle window of rows (so shards of a sorted
+input are still mixed), and every full window is tokenized in one batch call of a fast tokenizer
+(which parallelises over the available cores) and written as shards. Memory is bounded by
+``rows_per_shard * WINDOW_SHARDS`` rows per split, whatever the input size.
+
+Writes are atomic: each split is built in a local temp folder and published with its
+``manifest.json`` last (local: folder rename), so a half-written data set is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ftdist import storage
+from ftdist.config import PrepareSection, StorageSection, join_uri, redact_uri
+from ftdist.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, tokenizer_fingerprint
+from ftdist.errors import UserError
+
+log = logging.getLogger(__name__)
+WINDOW_SHARDS = 4
+READ_BATCH_ROWS = 8192
+STRATIFY_BLOCK = 200
+
+
+def detect_format(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = uri.lower().removesuffix(".gz")
+    for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".parquet", "parquet")):
+        if name.endswith(ext):
+            return f
+    raise UserError(f"cannot tell the format of '{redact_uri(uri)}' from its name; pass --format jsonl|csv|parquet")
+
+
+def iter_raw(uri: str, fmt: str, encoding: str, columns: list[str], cfg: StorageSection) -> Iterator[pa.RecordBatch]:
+    """Record batches of the requested columns from a raw input file, read incrementally."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    fs, path = storage.filesystem(uri, cfg)
+    if not storage.exists(uri, cfg):
+        raise UserError(f"input '{redact_uri(uri)}' does not exist; check --input")
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                pf = pq.ParquetFile(f)
+                _check_columns(uri, pf.schema_arrow.names, columns)
+                yield from pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+                return
+            if fmt == "csv":
+                reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 22),
+                                        parse_options=pacsv.ParseOptions(delimiter="\t" if uri.endswith(".tsv") else ","),
+                                        convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                                             include_missing_columns=True))
+                _check_columns(uri, reader.schema.names, columns, present=_csv_header(uri, fs, path, encoding))
+                yield from reader
+                return
+            # JSONL: pyarrow's reader needs the whole file; read it in line-aligned chunks instead.
+            raw = io.TextIOWrapper(f, encoding=encoding)
+            while True:
+                lines = raw.readlines(1 << 22)
+                if not lines:
+                    return
+                table = pajson.read_json(io.BytesIO("".join(lines).encode()))
+                _check_columns(uri, table.column_names, columns)
+                yield from table.select(columns).to_batches()
+    except UserError:
+        raise
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise UserError(f"input '{redact_uri(uri)}' could not be parsed as {fmt}: {str(e).splitlines()[0][:160]}; "
+                        f"check --format/--encoding") from None
+
+
+def _csv_header(uri: str, fs: Any, path: str, encoding: str) -> list[str]:
+    import csv
+    with fs.open(path, "rb", compression="infer") as f:
+        first = io.TextIOWrapper(f, encoding=encoding).readline()
+    return next(csv.reader([first], delimiter="\t" if uri.endswith(".tsv") else ","), [])
+
+
+def _check_columns(uri: str, names: list[str], wanted: list[str], present: list[str] | None = None) -> None:
+    have = present if present is not None else names
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        raise UserError(f"input '{redact_uri(uri)}' has no column {missing[0]!r} (columns: {', '.join(have)}); "
+                        f"set --text-field/--label-field")
+
+
+@dataclass
+class _SplitWriter:
+    """Collects one split's rows in a bounded window, tokenizes and writes full shards."""
+
+    name: str
+    out_dir: str
+    rows_per_shard: int
+    rng: np.random.Generator
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
+    label_counts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, sample_id: int, text: str, label: int | None, tok: Any, max_length: int) -> None:
+        self.ids.append(sample_id)
+        self.texts.append(text)
+        if label is not None:
+            self.labels.append(label)
+            self.label_counts[label] = self.label_counts.get(label, 0) + 1
+        if len(self.ids) >= self.rows_per_shard * WINDOW_SHARDS:
+            self.flush(tok, max_length, keep_partial=True)
+
+    def flush(self, tok: Any, max_length: int, keep_partial: bool = False) -> None:
+        order = self.rng.permutation(len(self.ids))
+        n_out = (len(order) // self.rows_per_shard) * self.rows_per_shard if keep_partial else len(order)
+        out, rest = order[:n_out], order[n_out:]
+        for start in range(0, len(out), self.rows_per_shard):
+            self._write([int(i) for i in out[start:start + self.rows_per_shard]], tok, max_length)
+        self.ids = [self.ids[i] for i in rest]
+        self.texts = [self.texts[i] for i in rest]
+        if self.labels:
+            self.labels = [self.labels[i] for i in rest]
+
+    def _write(self, idx: list[int], tok: Any, max_length: int) -> None:
+        enc = tok([self.texts[i] for i in idx], truncation=True, max_length=max_length,
+                  add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        cols = {
+            "sample_id": pa.array([self.ids[i] for i in idx], pa.int64()),
+            "input_ids": pa.array(enc, pa.list_(pa.int32())),
+            "length": pa.array([len(e) for e in enc], pa.int32()),
+        }
+        if self.labels:
+            cols["label"] = pa.array([self.labels[i] for i in idx], pa.int64())
+        fname = f"part-{len(self.shards):05d}.parquet"
+        path = os.path.join(self.out_dir, fname)
+        pq.write_table(pa.table(cols), path, compression="zstd", row_group_size=4096)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        self.shards.append(ShardInfo(file=fname, rows=len(idx), sha256=digest))
+
+
+def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> Any:
+    """Assign rows to splits: per label, blocks of STRATIFY_BLOCK rows hold each split's exact share
+    in a seeded random order, so every split sees every label in proportion, even when streaming."""
+    pending: dict[Any, list[int]] = {}
+    counts = np.round(np.array(fractions) * STRATIFY_BLOCK).astype(int)
+    counts[0] += STRATIFY_BLOCK - counts.sum()
+    block = np.repeat(np.arange(len(fractions)), counts)
+
+    def assign(label: Any) -> int:
+        q = pending.get(label)
+        if not q:
+            q = pending[label] = list(rng.permutation(block))
+        return int(q.pop())
+
+    return assign
+
+
+def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: int, task: str,
+            cfg: StorageSection, seed: int = 42, label_names: list[str] | None = None,
+            overwrite: bool = False) -> dict[str, Manifest]:
+    """Build a data set at ``output`` from ``spec.input``; returns the manifests per split."""
+    from ftdist.modeling import load_tokenizer
+
+    if task == "causal-lm":
+        spec = spec.model_copy(update={"label_field": None})
+    elif not spec.label_field:
+        raise UserError("sequence-classification needs labels; pass --label-field (or use --task causal-lm)")
+    if len(spec.split) != 3 or any(f < 0 for f in spec.split) or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0:
+        raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
+                        f"that add up to 1, e.g. 0.8,0.1,0.1")
+    existing = [s for s in SPLITS if storage.exists(join_uri(output, s, MANIFEST), cfg)]
+    if existing and not overwrite:
+        raise UserError(f"output '{redact_uri(output)}' already holds a data set ({', '.join(existing)}); "
+                        f"choose another --output or pass --overwrite")
+    tok = load_tokenizer(tokenizer_path, trust_remote_code=False)
+    fmt = detect_format(spec.input, spec.format)
+    columns = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
+
+    # Pass 1 (labels only, cheap): the label vocabulary and, with --limit, which rows to keep.
+    label_values: dict[Any, int] = {}
+    n_rows = 0
+    for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
+        if spec.label_field:
+            for v in batch.column(spec.label_field).to_pylist():
+                label_values[v] = label_values.get(v, 0) + 1
+        n_rows += batch.num_rows
+    if n_rows == 0:
+        raise UserError(f"input '{redact_uri(spec.input)}' has no rows")
+    label_map = _label_map(label_values, label_names, spec.input) if spec.label_field else None
+    rng = np.random.default_rng(seed)
+    keep = None
+    if spec.limit and spec.limit < n_rows:
+        keep = np.zeros(n_rows, dtype=bool)
+        keep[rng.choice(n_rows, size=spec.limit, replace=False)] = True
+
+    assign = _stratified_assigner(spec.split, rng)
+    with tempfile.TemporaryDirectory(prefix="ftdist-prepare-") as tmp:
+        writers = []
+        for i, name in enumerate(SPLITS):
+            os.makedirs(os.path.join(tmp, name))
+            writers.append(_SplitWriter(name, os.path.join(tmp, name), spec.rows_per_shard,
+                                        np.random.default_rng([seed, i])))
+        row = 0
+        for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
+            texts = batch.column(spec.text_field).to_pylist()
+            labels = batch.column(spec.label_field).to_pylist() if spec.label_field else [None] * len(texts)
+            for text, label in zip(texts, labels):
+                sid = row
+                row += 1
+                if keep is not None and not keep[sid]:
+                    continue
+                if text is None or (label_map is not None and label is None):
+                    continue  # rows without text/label carry nothing to learn from
+                lab = label_map[label] if label_map is not None else None
+                split = assign(lab)
+                writers[split].add(sid, str(text), lab, tok, max_length)
+        manifests = {}
+        for w in writers:
+            w.flush(tok, max_length)
+            n = sum(s.rows for s in w.shards)
+            if n == 0 and w.name == "train":
+                raise UserError(f"the train split of '{redact_uri(spec.input)}' would be empty; use more rows or a "
+                                f"larger train fraction in --split")
+            m = Manifest(
+                split=w.name, task=task, num_rows=n, shards=w.shards, max_length=max_length,
+                tokenizer=tokenizer_fingerprint(tok),
+                label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
+                label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
+                columns={"sample_id": "int64", "input_ids": "list<int32>", "length": "int32",
+                         **({"label": "int64"} if label_map else {})},
+                source=redact_uri(spec.input))
+            with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:
+                f.write(m.to_json())
+            manifests[w.name] = m
+        for w in writers:
+            if manifests[w.name].num_rows:
+                storage.upload_dir(os.path.join(tmp, w.name), join_uri(output, w.name), cfg, last=MANIFEST)
+    return manifests
+
+
+def _label_map(values: dict[Any, int], names: list[str] | None, uri: str) -> dict[Any, int]:
+    """Raw label value -> class id. Integer labels must already be 0..K-1; strings are named classes."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        raise UserError(f"input '{redact_uri(uri)}' has no labels in the label column; check --label-field")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+        top = max(vals)
+        if min(vals) < 0:
+            raise UserError(f"input '{redact_uri(uri)}' has negative label {min(vals)}; labels must be 0..K-1 or names")
+        k = len(names) if names else top + 1
+        if top >= k:
+            raise UserError(f"input '{redact_uri(uri)}' has label {top} but only {k} label names were given; "
+                            f"labels must be 0..{k - 1}")
+        return {i: i for i in range(k)} if not names else {i: i for i in range(len(names))}
+    strs = sorted(str(v) for v in vals)
+    if names:
+        unknown = [v for v in strs if v not in names]
+        if unknown:
+            raise UserError(f"input '{redact_uri(uri)}' has label {unknown[0]!r} not in --label-names "
+                            f"({', '.join(names)}); add it or fix the data")
+        return {n: i for i, n in enumerate(names)}
+    return {v: i for i, v in enumerate(strs)}

@@ -1,0 +1,216 @@
+"""The streaming reader: each worker reads only its share of a split, deterministically and resumably.
+
+How an epoch is laid out (a pure function of seed, epoch, rank and world size; see ``plan_epoch``):
+
+1. The shard order is permuted with ``rng(seed, epoch)``; the split's rows, concatenated in that
+   order, form one global sequence of ``N`` rows.
+2. Rank ``r`` owns a contiguous range of that sequence: ``N // W`` rows, plus one for the first
+   ``N % W`` ranks. Every row is owned by exactly one rank, so every sample is seen exactly once
+   per epoch across workers; nothing is dropped or duplicated.
+3. Every rank runs the same number of batches ``S = ceil(ceil(N / W) / batch_size)``, which keeps
+   collectives in lockstep; a rank's rows are spread over its ``S`` batches as evenly as possible
+   (sizes differ by at most one), which is how uneven tails are handled.
+4. The rank reads only the shards overlapping its range, one whole shard at a time (so memory is
+   bounded by a shard, whatever the data set size), permutes each shard's rows, and streams them
+   through a bounded shuffle buffer; with ``length_bucketing`` the buffer hands out runs of similar
+   length (less padding) in a shuffled order.
+5. A background thread reads ahead ``prefetch_shards`` shards while the current one trains.
+
+The position is ``(epoch, batches_done)``; resuming replays the (cheap, I/O-only) stream up to that
+batch and continues, so no sample of an interrupted epoch is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ftdist import storage
+from ftdist.config import StorageSection, join_uri
+from ftdist.data.manifest import Manifest, load_manifest
+from ftdist.errors import UserError
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    shard: int  # index into manifest.shards
+    start: int  # first row inside the shard
+    stop: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    slices: list[RankSlice]
+    batch_sizes: list[int]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.stop - s.start for s in self.slices)
+
+
+def epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, *extra])
+
+
+def plan_epoch(shard_rows: list[int], rank: int, world: int, batch_size: int, seed: int, epoch: int,
+               shuffle: bool) -> EpochPlan:
+    """Which rows of which shards rank ``rank`` reads in ``epoch``, and its batch sizes."""
+    n = sum(shard_rows)
+    if n < world:
+        raise UserError(f"a split has {n} rows but there are {world} workers; every worker needs at least one row; "
+                        f"use fewer workers (scaling.num_workers) or more data")
+    order = epoch_rng(seed, epoch).permutation(len(shard_rows)) if shuffle else np.arange(len(shard_rows))
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    hi = lo + base + (1 if rank < extra else 0)
+    slices, offset = [], 0
+    for s in order:
+        rows = shard_rows[s]
+        a, b = max(lo, offset), min(hi, offset + rows)
+        if a < b:
+            slices.append(RankSlice(int(s), a - offset, b - offset))
+        offset += rows
+    steps = num_batches(shard_rows, world, batch_size)
+    mine = hi - lo
+    sizes = [(k + 1) * mine // steps - k * mine // steps for k in range(steps)]
+    return EpochPlan(slices, sizes)
+
+
+def num_batches(shard_rows: list[int], world: int, batch_size: int) -> int:
+    """Batches per epoch, identical on every rank: enough for the largest share, but never more than
+    the smallest share has rows (so no rank ever gets an empty batch)."""
+    n = sum(shard_rows)
+    largest, smallest = -(-n // world), n // world
+    return min(-(-largest // batch_size), smallest)
+
+
+class ShardReader:
+    """Streams one split for one rank. Iterate ``batches(epoch, start_batch)`` for row dicts."""
+
+    def __init__(self, split_uri: str, cfg: StorageSection, rank: int, world: int, batch_size: int, seed: int,
+                 shuffle: bool, shuffle_buffer: int = 4096, prefetch: int = 2, length_bucketing: bool = False,
+                 manifest: Manifest | None = None) -> None:
+        self.uri, self.cfg = split_uri, cfg
+        self.manifest = manifest or load_manifest(split_uri, cfg)
+        self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, seed
+        self.shuffle, self.buffer, self.prefetch = shuffle, max(shuffle_buffer, batch_size), prefetch
+        self.length_bucketing = length_bucketing and shuffle
+        self.columns = ["sample_id", "input_ids", "length"] + (["label"] if "label" in self.manifest.columns else [])
+        rows = [s.rows for s in self.manifest.shards]
+        if self.manifest.num_rows < world:
+            plan_epoch(rows, rank, world, batch_size, seed, 0, shuffle)  # raises the one-line error
+        self.shard_rows = rows
+
+    def num_batches(self) -> int:
+        return num_batches(self.shard_rows, self.world, self.batch_size)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read_slice(self, sl: RankSlice) -> pa.Table:
+        info = self.manifest.shards[sl.shard]
+        uri = join_uri(self.uri, info.file)
+        data = storage.read_bytes(uri, self.cfg)
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise UserError(f"shard '{uri}' is truncated or corrupt (content hash differs from the manifest); "
+                            f"re-run `ftdist data prepare`")
+        try:
+            table = pq.read_table(io.BytesIO(data), columns=self.columns)
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise UserError(f"shard '{uri}' cannot be read ({str(e).splitlines()[0][:120]}); "
+                            f"re-run `ftdist data prepare`") from None
+        if table.num_rows != info.rows:
+            raise UserError(f"shard '{uri}' has {table.num_rows} rows, the manifest says {info.rows}; "
+                            f"re-run `ftdist data prepare`")
+        return table.slice(sl.start, sl.stop - sl.start)
+
+    def _tables(self, plan: EpochPlan) -> Iterator[pa.Table]:
+        """Slices in plan order, read ahead by a background thread."""
+        if self.prefetch <= 0:
+            for sl in plan.slices:
+                yield self._read_slice(sl)
+            return
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for sl in plan.slices:
+                    t = self._read_slice(sl)
+                    while not stop.is_set():
+                        try:
+                            q.put(t, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+                q.put(e)
+
+        th = threading.Thread(target=work, name=f"ftdist-prefetch-r{self.rank}", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def _rows(self, epoch: int, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+        rng = epoch_rng(self.seed, epoch, self.rank + 1)
+        buf: list[dict[str, Any]] = []
+        for table in self._tables(plan):
+            cols = {c: table.column(c).to_pylist() for c in self.columns}
+            idx = rng.permutation(table.num_rows) if self.shuffle else range(table.num_rows)
+            for i in idx:
+                buf.append({c: cols[c][i] for c in self.columns})
+                if len(buf) >= self.buffer:
+                    yield from self._drain(buf, rng, keep=self.buffer // 2)
+        yield from self._drain(buf, rng, keep=0)
+
+    def _drain(self, buf: list[dict[str, Any]], rng: np.random.Generator, keep: int) -> Iterator[dict[str, Any]]:
+        """Emit ``len(buf) - keep`` rows: random ones, or with bucketing, length-sorted runs in random order."""
+        n_out = len(buf) - keep
+        if n_out <= 0:
+            return
+        if not self.shuffle:
+            out, buf[:] = buf[:n_out], buf[n_out:]
+            yield from out
+            return
+        rng.shuffle(buf)  # in place; deterministic given the rng
+        out, rest = buf[:n_out], buf[n_out:]
+        buf[:] = rest
+        if self.length_bucketing:
+            out.sort(key=lambda r: r["length"])
+            runs = [out[i:i + self.batch_size] for i in range(0, len(out), self.batch_size)]
+            for j in rng.permutation(len(runs)):
+                yield from runs[j]
+        else:
+            yield from out
+
+    def batches(self, epoch: int, start_batch: int = 0, max_batches: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Lists of row dicts for this rank's batches of ``epoch``, starting after ``start_batch`` batches."""
+        plan = plan_epoch(self.shard_rows, self.rank, self.world, self.batch_size, self.seed, epoch, self.shuffle)
+        sizes = plan.batch_sizes
+        if max_batches is not None:
+            sizes = sizes[:max_batches]
+        rows = self._rows(epoch, plan)
+        for k, size in enumerate(sizes):
+            batch = [next(rows) for _ in range(size)]
+            if k >= start_batch:
+                yield batch
+        rows.close()

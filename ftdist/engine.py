@@ -1,0 +1,131 @@
+"""From the validated config to a DeepSpeed engine.
+
+``deepspeed_config`` is a pure function (unit-tested without starting anything). Choices that
+matter for speed, from measurements (bench/RESULTS.md):
+
+- mixed precision through ``torch.autocast`` with fp32 master weights (``mixed_precision:
+  torch_autocast``) rather than DeepSpeed's bf16 optimizer wrapper, which lost up to 2.9x to a
+  plain loop on one GPU;
+- ftdist's own AdamW (fused on CUDA) with weight decay off for biases and norms, and its own
+  warmup+decay schedule, unless optimizer offload needs DeepSpeed's CPU Adam;
+- no DeepSpeed progress printing or wall-clock breakdown in the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ftdist.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16
+    autocast_dtype: torch.dtype | None
+
+
+def resolve_precision(cfg: RunConfig, device_type: str) -> Precision:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+    return Precision(p, dtype)
+
+
+def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (``deepspeed.config`` keys are merged last)."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update({"overlap_comm": ds.overlap_comm, "reduce_bucket_size": ds.reduce_bucket_size,
+                     "allgather_bucket_size": ds.allgather_bucket_size, "contiguous_gradients": True,
+                     "reduce_scatter": True})
+    if ds.zero_stage == 3:
+        zero.pop("allgather_bucket_size")
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.train.max_grad_norm:
+        out["gradient_clipping"] = cfg.train.max_grad_norm
+    if precision.autocast_dtype is not None and ds.mixed_precision == "deepspeed":
+        out["bf16" if precision.name == "bf16" else "fp16"] = {"enabled": True}
+    if ds.offload_optimizer:
+        # ZeRO-Offload needs DeepSpeed's CPU Adam; the schedule stays ftdist's (passed as a callable).
+        out["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.train.learning_rate, "betas": list(cfg.train.adam_betas), "eps": cfg.train.adam_eps,
+            "weight_decay": cfg.train.weight_decay}}
+    return _merge(out, ds.config)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation weights (the standard AdamW recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Any:
+    """Linear warmup to the peak, then linear/cosine decay to zero (or constant)."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: int, precision: Precision) -> Any:
+    """``deepspeed.initialize`` with ftdist's optimizer and schedule; expects torch.distributed ready."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    ds_cfg = deepspeed_config(cfg, precision)
+    warmup = int(cfg.train.warmup_ratio * total_optimizer_steps)
+    sched_fn = lr_lambda(total_optimizer_steps, warmup, cfg.train.lr_schedule)
+    groups = param_groups(model, cfg.train.weight_decay)
+    if "optimizer" in ds_cfg:
+        optimizer = None
+    else:
+        fused = {"fused": True} if torch.cuda.is_available() else {}
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=cfg.train.adam_betas,
+                                      eps=cfg.train.adam_eps, **fused)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: LambdaLR(opt, sched_fn), config=ds_cfg, dist_init_required=False)
+    return engine, scheduler
+
+
+def init_distributed(device_type: str) -> None:
+    """DeepSpeed on top of the process group Ray Train (or the bench harness) created."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", auto_mpi_discovery=False)

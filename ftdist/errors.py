@@ -1,0 +1,19 @@
+"""The one exception type for mistakes the user can fix.
+
+The CLI turns a :class:`UserError` into a single line on stderr and exit code 2, with no
+traceback (unless ``--debug``). Anything else is a bug in ftdist and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input: config, data, model, storage or command line.
+
+    The message must fit on one line, name the offending field/file/URI and say how to fix it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))

@@ -1,0 +1,38 @@
+"""Export the trained model in HF format: safetensors + config + tokenizer, ZeRO shards consolidated.
+
+``AutoModelFor<Task>.from_pretrained(<run>/model)`` loads it. The file ``ftdist_export.json`` is
+written last; its presence marks a complete export (object stores have no atomic folder rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from ftdist import storage
+from ftdist.config import RunConfig, redact
+
+EXPORT_MARKER = "ftdist_export.json"
+
+
+def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
+    """The unpartitioned weights on rank 0 (collective under ZeRO-3: every rank must call)."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()  # gathers; returns None off rank 0
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def export_model(engine: Any, cfg: RunConfig, tokenizer: Any, uri: str, rank: int, extra: dict[str, Any]) -> None:
+    state_dict = full_state_dict(engine, cfg.deepspeed.zero_stage)
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
+        engine.module.save_pretrained(tmp, state_dict={k: v.cpu().contiguous() for k, v in state_dict.items()},
+                                      safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"task": cfg.model.task, "run": cfg.run.name, "base_model": redact(cfg.model.path), **extra}
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+            json.dump(info, f, indent=1)
+        storage.upload_dir(tmp, uri, cfg.storage, last=EXPORT_MARKER)

@@ -1,0 +1,351 @@
+"""The Ray Train wiring (driver side) and the Ray session the worker loop sees.
+
+``run_training(cfg)``: check everything a user can get wrong before any worker starts (config vs an
+existing run folder, model path, data set vs model), connect to Ray (an existing cluster, or a
+local one started in-process with bounded CPUs, dashboard on 127.0.0.1), start a ``TorchTrainer``
+whose workers run :func:`ftdist.loop.train_worker`, then write ``summary.json``.
+
+Rerunning the same command with the same run name resumes: Ray Train restores the latest
+checkpoint of ``<storage.path>/<run.name>`` and the loop continues from its reader position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ftdist import storage
+from ftdist.config import RunConfig, dump_config, join_uri, redact
+from ftdist.data.manifest import MANIFEST, check_compatible, load_manifest, tokenizer_fingerprint
+from ftdist.errors import UserError
+from ftdist.metrics import majority_baseline
+
+log = logging.getLogger("ftdist")
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "ftdist_run.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+class RaySession:
+    """``Session`` backed by Ray Train v2's worker context."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def fetch_checkpoint(self, name: str, dest: str) -> str:
+        return storage.download_dir(join_uri(self.cfg.run_uri(), name), dest, self.cfg.storage)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def worker_entry(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer."""
+    from ftdist.loop import train_worker
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = RunConfig.model_validate(config["config"])
+    train_worker(cfg, RaySession(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side: checks before anything starts
+
+
+def prepare_data_if_needed(cfg: RunConfig) -> None:
+    if cfg.data.prepare is None or storage.exists(join_uri(cfg.data.path, "train", MANIFEST), cfg.storage):
+        return
+    from ftdist.data.prepare import prepare
+
+    print(f"[ftdist] preparing data set {cfg.data.path} from {cfg.data.prepare.input}", flush=True)
+    t0 = time.time()
+    ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
+                 cfg.model.task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
+    print(f"[ftdist] prepared {', '.join(f'{k}: {m.num_rows} rows' for k, m in ms.items())} "
+          f"in {time.time() - t0:.1f}s", flush=True)
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Every check that needs no worker. Returns facts the summary uses (label counts)."""
+    from ftdist.modeling import load_tokenizer, resolve_model_path
+
+    resolve_model_path(cfg.model.path, cfg.storage)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
+                         cfg.storage)
+    fp = tokenizer_fingerprint(tok)
+    manifests = {}
+    for split in ("train", "validation", "test"):
+        uri = join_uri(cfg.data.path, split)
+        m = manifests[split] = load_manifest(uri, cfg.storage)
+        num_labels = cfg.model.num_labels or manifests["train"].num_labels
+        check_compatible(m, uri, cfg.model.task, num_labels, fp)
+        if m.num_rows < cfg.scaling.num_workers:
+            raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
+                            f"{cfg.scaling.num_workers}; use fewer workers or more data")
+    return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
+            "rows": {s: m.num_rows for s, m in manifests.items()}}
+
+
+def check_run_folder(cfg: RunConfig) -> str:
+    """'new', 'resume' or 'completed'; refuse a folder that another config made."""
+    run_uri = cfg.run_uri()
+    marker = join_uri(run_uri, RUN_FILE)
+    if not storage.exists(marker, cfg.storage):
+        if storage.listdir(run_uri, cfg.storage):
+            raise UserError(f"run folder '{run_uri}' exists but was not made by ftdist; choose another run.name "
+                            f"or storage.path")
+        return "new"
+    info = json.loads(storage.read_text(marker, cfg.storage))
+    if info.get("fingerprint") != cfg.fingerprint():
+        saved = info.get("config", {})
+        now = redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))
+        diff = _diff_keys(saved, now)
+        raise UserError(f"run folder '{run_uri}' was made by a different config (differs in: "
+                        f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
+                        f"restore the original config to resume")
+    return "completed" if storage.exists(join_uri(run_uri, SUMMARY_FILE), cfg.storage) else "resume"
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Connect to ``scaling.address`` / RAY_ADDRESS, or start a bounded local cluster in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    # Workers must see the same non-secret settings as the driver in local mode; on a cluster the
+    # job's runtime_env (ftdist submit) or the node environment provides them.
+    quiet = {"RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if address != "auto" else None)
+        return
+    need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
+             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+             runtime_env={"env_vars": quiet})
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    if cfg.scaling.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def worker_resources(cfg: RunConfig, gpu: bool) -> dict[str, float]:
+    s = cfg.scaling
+    res: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if gpu:
+        res["GPU"] = s.gpus_per_worker
+    if s.memory_per_worker_gb:
+        res["memory"] = s.memory_per_worker_gb * 1024**3
+    if s.accelerator_type:
+        res[f"accelerator_type:{s.accelerator_type}"] = 0.001
+    return res
+
+
+def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
+    """Fail with a clear message instead of pending forever when the cluster cannot host the workers."""
+    import ray
+
+    need = {k: v * cfg.scaling.num_workers for k, v in per_worker.items()}
+    deadline = time.monotonic() + cfg.scaling.placement_timeout_s
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            asked = ", ".join(f"{k}={v:g}" for k, v in need.items() if not k.startswith("accelerator_type"))
+            has = ", ".join(f"{k}={v:g}" for k, v in sorted(have.items())
+                            if k in ("CPU", "GPU", "memory") or k in need)
+            raise UserError(f"the Ray cluster cannot host {cfg.scaling.num_workers} worker(s): asked for {asked} "
+                            f"in total, the cluster has {has}; lower scaling.num_workers/cpus_per_worker/"
+                            f"gpus_per_worker or add nodes (waited scaling.placement_timeout_s="
+                            f"{cfg.scaling.placement_timeout_s:g}s)")
+        time.sleep(1.0)
+
+
+def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer for ``cfg`` (also used by each Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = use_gpu(cfg)
+    per_worker = worker_resources(cfg, gpu)
+    wait_for_resources(cfg, per_worker)
+    fs, path = storage.pyarrow_filesystem(cfg.storage.path, cfg.storage)
+    metric = f"val_{cfg.eval_metric}"
+    return TorchTrainer(
+        worker_entry,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(cfg.scaling.collective_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
+                                     resources_per_worker={k: v for k, v in per_worker.items()
+                                                           if not k.startswith("accelerator_type")},
+                                     accelerator_type=cfg.scaling.accelerator_type),
+        run_config=RayRunConfig(
+            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_checkpoints_to_keep,
+                                               checkpoint_score_attribute=metric,
+                                               checkpoint_score_order=cfg.eval_mode),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks or None),
+    )
+
+
+def user_error_from_ray(exc: BaseException) -> UserError | None:
+    """A UserError raised inside a worker arrives wrapped by Ray; recover its one line."""
+    text = "\n".join(str(e) for e in _exc_chain(exc))
+    m = re.search(r"UserError: (.+)", text)
+    return UserError(m.group(1)) if m else None
+
+
+def _exc_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__] + list(getattr(e, "exceptions", []) or [])
+        stack += [v for v in getattr(e, "worker_failures", {}).values()] if isinstance(
+            getattr(e, "worker_failures", None), dict) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("ftdist", "torch", "transformers", "deepspeed", "ray", "pyarrow", "s3fs"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, Any]:
+    """Train (or resume, or report a finished) run; returns the summary."""
+    started_at = started_at or time.time()
+    state = check_run_folder(cfg)
+    run_uri = cfg.run_uri()
+    if state == "completed":
+        summary = json.loads(storage.read_text(join_uri(run_uri, SUMMARY_FILE), cfg.storage))
+        print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: {join_uri(run_uri, SUMMARY_FILE)})")
+        return summary
+    prepare_data_if_needed(cfg)
+    facts = preflight(cfg)
+    if state == "new":
+        storage.write_text(join_uri(run_uri, CONFIG_FILE), dump_config(cfg), cfg.storage)
+        storage.write_text(join_uri(run_uri, RUN_FILE), json.dumps({
+            "fingerprint": cfg.fingerprint(), "created": time.time(),
+            "config": redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))}, indent=1),
+            cfg.storage)
+    else:
+        print(f"[ftdist] resuming run '{cfg.run.name}' from {run_uri}", flush=True)
+    connect_ray(cfg)
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - turned into a UserError when it is one
+        ue = user_error_from_ray(e)
+        if ue is not None:
+            raise ue from None
+        raise
+    from ftdist.loop import RESULT_FILE
+
+    result = json.loads(storage.read_text(join_uri(run_uri, RESULT_FILE), cfg.storage))
+    wall = time.time() - started_at
+    summary = {
+        "run": cfg.run.name, "status": "completed", "resumed": state == "resume", "run_dir": run_uri,
+        "config": redact(cfg.model_dump(mode="json")), **{k: v for k, v in result.items() if k != "first_step_time"},
+        "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None))},
+        "rows": facts["rows"], "wall_time_s": wall,
+        "time_to_first_step_s": (result["first_step_time"] - started_at) if result.get("first_step_time") else None,
+        "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if n.startswith("epoch")),
+        "versions": library_versions(),
+    }
+    storage.write_text(join_uri(run_uri, SUMMARY_FILE), json.dumps(summary, indent=1), cfg.storage)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end of a run: metrics per epoch, test vs baseline, where the model is."""
+    lines = [f"run '{summary['run']}' ({summary['world_size']} worker(s), {summary['device']}, {summary['precision']}):"]
+    metric = summary["eval_metric"]
+    for e in summary["epochs"]:
+        vals = "  ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in e.items() if k.startswith("val_"))
+        star = " *" if e["epoch"] == summary["best_epoch"] else ""
+        lines.append(f"  epoch {e['epoch']}: train_loss {e['train_loss']:.4f}  val: {vals}  "
+                     f"{e['samples_per_s']:.1f} samples/s{star}")
+    lines.append(f"  best epoch {summary['best_epoch']} by val_{metric}"
+                 + (" (stopped early)" if summary.get("stopped_early") else ""))
+    test = "  ".join(f"{k} {v:.4f}" for k, v in summary["test"].items())
+    lines.append(f"  test: {test}")
+    base = (summary.get("baseline") or {}).get("majority_class_accuracy")
+    if base is not None and "accuracy" in summary["test"]:
+        lines.append(f"  majority-class baseline accuracy: {base:.4f} "
+                     f"({summary['test']['accuracy'] - base:+.4f} for the fine-tuned model)")
+    tp = summary.get("throughput") or {}
+    if tp:
+        mfu = f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""
+        lines.append(f"  throughput: {tp['samples_per_s']:.1f} samples/s, {tp['tokens_per_s']:.0f} tokens/s{mfu}")
+    lines.append(f"  wall time {summary['wall_time_s']:.0f}s"
+                 + (f", first step after {summary['time_to_first_step_s']:.0f}s" if summary.get("time_to_first_step_s") else ""))
+    lines.append(f"  exported model: {summary['model_uri']}")
+    lines.append(f"  summary: {join_uri(summary['run_dir'], SUMMARY_FILE)}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Evaluation metrics and speed figures (pure functions over summed counts)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Dense bf16 peak per device, for MFU when train.peak_tflops is not set (vendor figures).
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def classification_metrics(loss_sum: float, confusion: torch.Tensor) -> dict[str, float]:
+    """loss, accuracy and macro-F1 from a K x K confusion matrix (rows: true, cols: predicted)."""
+    conf = confusion.double()
+    n = conf.sum().item()
+    tp = conf.diag()
+    precision = tp / conf.sum(0).clamp(min=1)
+    recall = tp / conf.sum(1).clamp(min=1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = (conf.sum(1) + conf.sum(0)) > 0  # classes absent from both truth and predictions don't count
+    return {"loss": loss_sum / max(n, 1), "accuracy": tp.sum().item() / max(n, 1),
+            "macro_f1": f1[present].mean().item() if present.any() else 0.0}
+
+
+def causal_lm_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def majority_baseline(label_counts: list[int] | None) -> float | None:
+    """Accuracy of always predicting the most frequent class of a split."""
+    if not label_counts or sum(label_counts) == 0:
+        return None
+    return max(label_counts) / sum(label_counts)
+
+
+def peak_tflops(configured: float | None, device_type: str) -> float | None:
+    if configured:
+        return configured
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+
+
+def mfu(n_params: int, tokens_per_s: float, world_size: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation, nanoGPT-style: 6 * params * tokens/s over the devices' peak."""
+    if not peak:
+        return None
+    return 6.0 * n_params * tokens_per_s / (peak * 1e12 * world_size)

