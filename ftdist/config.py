@@ -104,6 +104,7 @@ class TrainSection(Section):
     eval_metric: str | None = Field(None, description="validation metric for best/early stopping")
     eval_mode: Literal["min", "max"] | None = None
     early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smaller changes do not count as improvement")
     checkpoint_every_steps: int | None = Field(None, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     log_every_steps: int = Field(50, ge=1)
@@ -309,6 +310,29 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(validation_message(e, str(path) if path else "config")) from None
+    return absolutize_local_paths(cfg)
+
+
+def _is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
+    """Relative local paths are taken from the current directory (as any CLI does) and made
+    absolute, because Ray workers run in another working directory."""
+    def fix(p: str | None, must_exist: bool = False) -> str | None:
+        if p is None or _is_uri(p) or os.path.isabs(p):
+            return p
+        if must_exist and not os.path.exists(os.path.expanduser(p)) and not p.startswith((".", "~")):
+            return p  # a hub id such as "bert-base-uncased" or "org/model"
+        return os.path.abspath(os.path.expanduser(p))
+
+    cfg.model.path = fix(cfg.model.path, must_exist=True)  # type: ignore[assignment]
+    cfg.model.tokenizer = fix(cfg.model.tokenizer, must_exist=True)
+    cfg.data.path = fix(cfg.data.path)  # type: ignore[assignment]
+    if cfg.data.prepare is not None:
+        cfg.data.prepare.input = fix(cfg.data.prepare.input)  # type: ignore[assignment]
+    cfg.storage.path = fix(cfg.storage.path)  # type: ignore[assignment]
     return cfg
 
 

@@ -88,7 +88,19 @@ def worker_entry(config: dict[str, Any]) -> None:
 
 
 def prepare_data_if_needed(cfg: RunConfig) -> None:
-    if cfg.data.prepare is None or storage.exists(join_uri(cfg.data.path, "train", MANIFEST), cfg.storage):
+    """Build ``data.path`` from ``data.prepare`` on first use; refuse to reuse one built from another spec."""
+    if cfg.data.prepare is None:
+        return
+    train_uri = join_uri(cfg.data.path, "train")
+    if storage.exists(join_uri(train_uri, MANIFEST), cfg.storage):
+        built = load_manifest(train_uri, cfg.storage).prepare or {}
+        from ftdist.data.prepare import spec_record
+
+        wanted = spec_record(cfg.data.prepare, cfg.model.task, cfg.run.seed, cfg.data.max_length)
+        if built and built != wanted:
+            diff = ", ".join(k for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k))
+            raise UserError(f"data set '{cfg.data.path}' was prepared with different settings ({diff}); "
+                            f"delete it to rebuild, or point data.path elsewhere")
         return
     from ftdist.data.prepare import prepare
 

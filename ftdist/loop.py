@@ -180,8 +180,8 @@ def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str,
     return metrics, sorted(preds)
 
 
-def _improved(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
 
 
 def _save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) -> None:
@@ -252,12 +252,13 @@ def _train(s: Setup) -> dict[str, Any] | None:
         val, _ = evaluate(s, "validation")
         value = val[metric]
         state.epoch, state.batch = epoch + 1, 0
-        improved = _improved(value, state.best_metric, mode)
-        if improved:
+        # Best = highest score, ties going to the newer checkpoint: the same order Ray's retention
+        # (checkpoint_score_attribute) uses, so the best checkpoint is never the one Ray deletes.
+        # Early stopping separately needs a real improvement (by more than min_delta).
+        improved = _improved(value, state.best_metric, mode, cfg.train.early_stopping_min_delta)
+        if state.best_metric is None or value == state.best_metric or _improved(value, state.best_metric, mode):
             state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, ckpt.checkpoint_name(state)
-            state.bad_epochs = 0
-        else:
-            state.bad_epochs += 1
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
         patience = cfg.train.early_stopping_patience
         state.stopped_early = bool(patience and state.bad_epochs >= patience and state.epoch < cfg.train.epochs)
         record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": g_loss / max(g_n, 1),

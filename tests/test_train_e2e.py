@@ -51,3 +51,38 @@ def test_zero_stage_trains_exports_and_predicts_identically(stage, tiny_bert, cl
     assert _predict(str(run / "model"), cls_data) == worker_preds
     cfg_text = (run / "config.yaml").read_text()
     assert f"zero_stage: {stage}" in cfg_text
+
+
+def test_causal_lm_trains_reports_perplexity_and_exports(tiny_gpt, clm_data, tmp_path, ray_local):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_config(data=base_config(tiny_gpt, clm_data, str(tmp_path / "runs"), run={"name": "clm"},
+                                       model={"task": "causal-lm"}, deepspeed={"zero_stage": 2}))
+    summary = run_training(cfg)
+    e = summary["epochs"]
+    assert summary["eval_metric"] == "loss" and e[-1]["val_loss"] < e[0]["val_loss"]
+    assert e[-1]["val_perplexity"] > 1 and "perplexity" in summary["test"]
+    model_dir = tmp_path / "runs" / "clm" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.pad_token is not None  # GPT-style tokenizer got a pad token (= eos)
+    ids = tok("the car was great", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_early_stopping_triggers_and_best_epoch_is_tested(tiny_bert, cls_data, tmp_path, ray_local):
+    cfg = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "es"},
+                                       train={"epochs": 6, "learning_rate": 1e-9, "eval_metric": "loss",
+                                              "early_stopping_patience": 2, "early_stopping_min_delta": 0.01}))
+    summary = run_training(cfg)
+    assert summary["stopped_early"] is True
+    assert len(summary["epochs"]) == 3  # epoch 1 sets the bar, epochs 2-3 fail to beat it by min_delta
+    # The best checkpoint is the lowest val_loss (ties: the newer), the same order Ray's retention uses,
+    # and it is the one that was tested and exported.
+    losses = [e["val_loss"] for e in summary["epochs"]]
+    best = max(i for i, v in enumerate(losses) if v == min(losses)) + 1
+    assert summary["best_epoch"] == best
+    result = json.loads((tmp_path / "runs" / "es" / "train_result.json").read_text())
+    assert result["best_checkpoint"].startswith(f"epoch{best:03d}")
+    export = json.loads((tmp_path / "runs" / "es" / "model" / "ftdist_export.json").read_text())
+    assert export["best_epoch"] == best and export["test"] == summary["test"]

@@ -42,6 +42,7 @@ class Manifest:
     label_counts: list[int] | None = None
     columns: dict[str, str] = field(default_factory=dict)
     source: str | None = None
+    prepare: dict[str, Any] | None = None  # the PrepareSection that built it (to detect a changed spec)
 
     def to_json(self) -> str:
         d = {"format": FORMAT, "version": VERSION, **self.__dict__,
@@ -83,7 +84,7 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
         m = Manifest(split=d["split"], task=d["task"], num_rows=int(d["num_rows"]),
                      shards=[ShardInfo(**s) for s in d["shards"]], max_length=int(d["max_length"]),
                      tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
-                     columns=d.get("columns", {}), source=d.get("source"))
+                     columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"'{uri}' is malformed ({e.__class__.__name__}: {e}); re-run `ftdist data prepare`") from None
     if m.num_rows == 0 or not m.shards:

@@ -169,6 +169,12 @@ def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> An
     return assign
 
 
+def spec_record(spec: PrepareSection, task: str, seed: int, max_length: int) -> dict[str, Any]:
+    """What the manifest records about how a data set was built (compared on reuse)."""
+    label = spec.label_field if task == "sequence-classification" else None
+    return spec.model_dump(mode="json") | {"label_field": label, "seed": seed, "max_length": max_length}
+
+
 def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: int, task: str,
             cfg: StorageSection, seed: int = 42, label_names: list[str] | None = None,
             overwrite: bool = False) -> dict[str, Manifest]:
@@ -242,7 +248,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: 
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
                 columns={"sample_id": "int64", "input_ids": "list<int32>", "length": "int32",
                          **({"label": "int64"} if label_map else {})},
-                source=redact_uri(spec.input))
+                source=redact_uri(spec.input), prepare=spec_record(spec, task, seed, max_length))
             with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:
                 f.write(m.to_json())
             manifests[w.name] = m

@@ -1,0 +1,127 @@
+"""The command line as a user runs it: exit codes, one-line errors, no tracebacks, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config, run_cli
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """SIGKILL processes whose command line mentions ``text`` (only ours: a unique temp dir)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in p.info["cmdline"] or []):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "job.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def _assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("ftdist: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_show_redacts_and_resolves(tmp_path, tiny_bert, cls_data):
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"))
+    cfg["storage"]["options"] = {"secret": "hunter2-secret"}
+    proc = run_cli("config", _write(tmp_path, cfg), "--set", "train.learning_rate=3e-5")
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["train"]["learning_rate"] == 3e-5 and shown["storage"]["options"]["secret"] == "***"
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing-file", "unknown-key", "bad-type", "bad-range", "model-missing",
+                                  "num-labels-mismatch", "data-missing", "bad-set"])
+def test_bad_input_exit_2_one_line(case, tmp_path, tiny_bert, cls_data):
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"))
+    args: list[str] = []
+    expect = {
+        "missing-file": "not found", "unknown-key": "did you mean 'train.epochs'", "bad-type": "'train.batch_size'",
+        "bad-range": "'train.learning_rate'", "model-missing": "model path", "num-labels-mismatch": "model.num_labels: 3",
+        "data-missing": "does not exist or is empty", "bad-set": "must look like dotted.key=value",
+    }[case]
+    if case == "unknown-key":
+        cfg["train"]["epoch"] = 3
+    elif case == "bad-type":
+        cfg["train"]["batch_size"] = "big"
+    elif case == "bad-range":
+        cfg["train"]["learning_rate"] = -1
+    elif case == "model-missing":
+        cfg["model"]["path"] = str(tmp_path / "no-such-model")
+    elif case == "num-labels-mismatch":
+        cfg["model"]["num_labels"] = 2
+    elif case == "data-missing":
+        cfg["data"]["path"] = str(tmp_path / "no-data")
+    elif case == "bad-set":
+        args = ["--set", "train.epochs"]
+    path = _write(tmp_path, cfg) if case != "missing-file" else str(tmp_path / "nope.yaml")
+    _assert_user_error(run_cli("train", path, *args), expect)
+    assert not (tmp_path / "runs" / "t" / "summary.json").exists()
+
+
+def test_run_folder_of_another_config_is_never_overwritten(tmp_path, tiny_bert, cls_data):
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "ftdist_run.json").write_text(json.dumps({"fingerprint": "0000", "config": {"train": {"epochs": 9}}}))
+    before = sorted(p.name for p in run.iterdir())
+    proc = run_cli("train", _write(tmp_path, base_config(tiny_bert, cls_data, str(tmp_path / "runs"))))
+    _assert_user_error(proc, "was made by a different config (differs in: ")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_latest_checkpoint(tmp_path, tiny_bert, cls_data):
+    """SIGKILL the whole `ftdist train` process group after its first checkpoint; the same command
+    resumes from it (history kept, epochs not retrained) and finishes."""
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), train={"epochs": 6})
+    path = _write(tmp_path, cfg)
+    run = tmp_path / "runs" / "t"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # AF_UNIX socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        if snapshot.exists() and "epoch00" in snapshot.read_text() and proc.poll() is None:
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_processes_mentioning(ray_tmp)  # Ray helpers a killed driver can leave behind
+    kept = json.loads(snapshot.read_text())
+    assert not (run / "summary.json").exists()
+    second = run_cli("train", path, env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "resuming run 't'" in out and "resumed from checkpoint at epoch" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed"] is True
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3, 4, 5, 6]
+    resumed_epoch = int(out.split("resumed from checkpoint at epoch ")[1].split(",")[0])
+    assert resumed_epoch >= 2  # at least epoch 1 came from the killed run, not retrained
+    assert kept  # the snapshot that resume used existed before the kill
