@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -134,7 +135,9 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def _log(s: Setup, msg: str) -> None:
     if s.session.rank == 0:
-        print(f"[ftdist] {msg}", flush=True)
+        # Not print(): Ray Train patches print() into its logger, which echoes each line twice.
+        sys.stdout.write(f"[ftdist] {msg}\n")
+        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,16 +110,16 @@ def clm_data(tmp_path_factory, tiny_gpt) -> str:
     return prepare_local(raw, d / "ds", tiny_gpt, task="causal-lm")
 
 
-def base_config(model: str, data: str, storage: str, **sections) -> dict:
+def base_config(model_path: str, data_path: str, storage_path: str, **sections) -> dict:
     """A small run config as a dict; ``sections`` update top-level sections."""
     cfg = {
         "run": {"name": "t", "seed": 0},
-        "model": {"path": model, "task": "sequence-classification"},
-        "data": {"path": data, "shuffle_buffer": 64},
+        "model": {"path": model_path, "task": "sequence-classification"},
+        "data": {"path": data_path, "shuffle_buffer": 64},
         "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-2, "warmup_ratio": 0.0, "log_every_steps": 1000},
         "deepspeed": {"zero_stage": 0},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "storage": {"path": storage},
+        "storage": {"path": storage_path},
     }
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v)
