@@ -76,7 +76,7 @@ def _s3_kwargs(cfg: StorageSection) -> dict[str, Any]:
     config_kwargs.setdefault("read_timeout", 60)
     # botocore's own retries stay short: our budget-bounded loop owns the long waits.
     config_kwargs.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-    return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs, "retries": 1,
+    return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs,
             "skip_instance_cache": True, **opts}
 
 

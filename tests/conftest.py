@@ -19,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Dummy credentials for moto's S3 server; set before any Ray process starts so workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 WORDS = {0: ["awful", "bad", "terrible", "hate"], 1: ["okay", "fine", "average", "neutral"],
@@ -142,3 +146,52 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ftdist", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 (real HTTP); can be stopped and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket per test: s3://<name>."""
+    name = "b-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40] + f"-{random.randrange(10**6)}"
+    s3_server.fs().mkdir(name)
+    return f"s3://{name}"
