@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
+    p = sub.add_parser("submit", help="run `ftdist train CONFIG` as a job on a Ray cluster (Ray Job SDK)")
+    _add_config_args(p)
+    p.add_argument("--address", required=True, help="Ray job server, e.g. http://HEAD:8265")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="non-secret environment variable for the job (repeatable)")
+
     p = sub.add_parser("config", help="print the fully resolved config (secrets redacted)")
     _add_config_args(p)
 
@@ -113,7 +120,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config}
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ftdist.submit import submit
+
+    return submit(args.config, args.overrides, args.address, args.follow, args.env)
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,19 +298,47 @@ def validation_message(err: ValidationError, source: str) -> str:
     return f"{source}: '{loc}': {msg}{got_s}" if loc else f"{source}: {msg}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
-                data: dict[str, Any] | None = None) -> RunConfig:
+def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+             data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config as a plain dict with ``--set`` overrides applied (not yet validated)."""
     raw = copy.deepcopy(data) if data is not None else read_yaml(path)  # type: ignore[arg-type]
     for item in overrides or []:
         key, value = parse_override(item)
         if key not in KNOWN_PATHS and not _is_free_dict_key(key):
             raise UserError(f"--set: unknown key '{key}'{did_you_mean(key)}")
         set_dotted(raw, key, value)
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
-        cfg = RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(validation_message(e, str(path) if path else "config")) from None
-    return absolutize_local_paths(cfg)
+        raise UserError(validation_message(e, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> RunConfig:
+    """Read, override, validate, and make local paths absolute (Ray workers run elsewhere)."""
+    raw = load_raw(path, overrides, data)
+    return absolutize_local_paths(validate(raw, str(path) if path else "config"))
+
+
+def literal_secrets(cfg: RunConfig) -> list[str]:
+    """Dotted keys holding a literal secret (not a ``${env:...}`` reference)."""
+    full = cfg.model_dump(mode="json")
+    redacted = redact(full)
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict):
+            for k in a:
+                walk(a[k], b.get(k) if isinstance(b, dict) else None, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix.rstrip("."))
+
+    walk(full, redacted, "")
+    return out
 
 
 def _is_uri(p: str) -> bool:

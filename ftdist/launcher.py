@@ -173,16 +173,14 @@ def connect_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
-    # Workers must see the same non-secret settings as the driver in local mode; on a cluster the
-    # job's runtime_env (ftdist submit) or the node environment provides them.
-    quiet = {"RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    # No runtime_env here: inside a Ray job it would replace the job's own (env vars such as the S3
+    # endpoint); in local mode workers inherit this process's environment anyway.
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if address != "auto" else None)
+        ray.init(address=address, log_to_driver=True)
         return
     need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
-             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
-             runtime_env={"env_vars": quiet})
+             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
 
 
 def use_gpu(cfg: RunConfig) -> bool:

@@ -1,0 +1,90 @@
+"""``ftdist submit``: run ``ftdist train`` as a Ray job on a cluster through Ray's Job SDK.
+
+What travels: the validated config (with ``--set`` applied) in a small working directory, and a
+runtime_env with non-secret environment variables (S3 endpoint, region, offline flags, and any
+``--env`` the user names). What never travels: secret values. A config with a literal secret
+is refused (use ``${env:NAME}``); credentials reach the job from the cluster's own environment
+(instance roles, IRSA, a Kubernetes Secret, the nodes' environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+from ftdist.config import _SECRET_KEY, literal_secrets, load_raw, validate
+from ftdist.errors import UserError
+
+JOB_CONFIG = "ftdist-job.yaml"
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
+                 "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
+TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+
+
+def job_env(extra: list[str]) -> dict[str, str]:
+    """Non-secret environment for the job; refuses secret-looking names."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UserError(f"--env '{item}' must look like NAME=value")
+        if _SECRET_KEY.search(key):
+            raise UserError(f"--env {key} looks like a secret; secrets never go into job metadata: give the "
+                            f"cluster the credential (instance role, IRSA, Kubernetes Secret) instead")
+        env[key] = value
+    return env
+
+
+def submit(config_path: str, overrides: list[str], address: str, follow: bool, env: list[str],
+           command: str = "train") -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    raw = load_raw(config_path, overrides)
+    cfg = validate(raw, config_path)
+    secrets = literal_secrets(cfg)
+    if secrets:
+        raise UserError(f"config key {secrets[0]} holds a literal secret; write it as ${{env:NAME}} and provide NAME "
+                        f"in the cluster's environment, so it never travels in job metadata")
+    environment = job_env(env)
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
+        raise UserError(f"cannot reach the Ray job server at {address} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); check --address (http://HEAD:8265)") from None
+    with tempfile.TemporaryDirectory(prefix="ftdist-job-") as wd:
+        with open(os.path.join(wd, JOB_CONFIG), "w") as f:
+            yaml.safe_dump(raw, f, sort_keys=False)
+        job_id = client.submit_job(
+            entrypoint=f"python -m ftdist {command} {JOB_CONFIG}",
+            runtime_env={"working_dir": wd, "env_vars": environment},
+            metadata={"ftdist_run": cfg.run.name, "ftdist_command": command},
+        )
+    print(f"submitted job {job_id} (run '{cfg.run.name}') to {address}", flush=True)
+    if not follow:
+        return 0
+    return follow_job(client, job_id)
+
+
+def follow_job(client: Any, job_id: str) -> int:
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # noqa: BLE001 - log streaming is best effort; the status below is what counts
+        pass
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            print(f"job {job_id} finished: {status}", flush=True)
+            return TERMINAL[status]
+        time.sleep(1.0)
