@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from ftdist.errors import UserError
 
@@ -38,10 +38,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key by dotted path, e.g. --set train.learning_rate=3e-5 (repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (like every other user error) and exit 2."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"ftdist: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftdist", description="Distributed fine-tuning: Ray Train + DeepSpeed")
+    parser = _Parser(prog="ftdist", description="Distributed fine-tuning: Ray Train + DeepSpeed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="fine-tune (or resume) a run from a config")
     _add_config_args(p)
@@ -57,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the fully resolved config (secrets redacted)")
     _add_config_args(p)
 
-    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
+                                                                       parser_class=_Parser)
     p = data.add_parser("prepare", help="tokenize JSONL/CSV/Parquet into streamable shards")
     p.add_argument("--input", required=True, help="raw file: local path or any fsspec URL (s3://...)")
     p.add_argument("--output", required=True, help="data set prefix to create (local or s3://...)")

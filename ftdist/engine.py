@@ -129,3 +129,36 @@ def init_distributed(device_type: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", auto_mpi_discovery=False)
+
+
+def reapply_hyperparameters(engine: Any, cfg: RunConfig) -> None:
+    """Make the restored optimizer and schedule follow ``cfg``, not the checkpoint.
+
+    Restoring a checkpoint loads the optimizer's param groups (lr, weight decay, betas, eps) and
+    the scheduler's ``base_lrs`` from it. For a resumed run they equal the config anyway; a PBT
+    trial continuing another trial's checkpoint with a perturbed learning rate or weight decay
+    must train with its own values. The schedule's step count stays the checkpoint's, so warmup
+    and decay continue where they were, scaled to the new peak learning rate.
+    """
+    scheduler = getattr(engine, "lr_scheduler", None)
+    optimizer = scheduler.optimizer if scheduler is not None else getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return
+    t = cfg.train
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = t.learning_rate
+        if i == 0:  # param_groups(): decayed weights first, biases and norms (no decay) second
+            group["weight_decay"] = t.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(t.adam_betas)
+        if "eps" in group:
+            group["eps"] = t.adam_eps
+    if scheduler is None:
+        for group in optimizer.param_groups:
+            group["lr"] = t.learning_rate
+        return
+    scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() (and so engine.get_lr()) reports

@@ -24,7 +24,8 @@ from typing import Any
 
 from ftdist import storage
 from ftdist.config import RunConfig, dump_config, join_uri, redact
-from ftdist.data.manifest import MANIFEST, check_compatible, load_manifest, tokenizer_fingerprint
+from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
+                                  tokenizer_fingerprint)
 from ftdist.errors import UserError
 from ftdist.metrics import majority_baseline
 
@@ -41,11 +42,12 @@ RUN_FILE = "ftdist_run.json"
 class RaySession:
     """``Session`` backed by Ray Train v2's worker context."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, restore_from: str | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.cfg = cfg
+        self.restore_from = restore_from
         self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
     @contextlib.contextmanager
@@ -53,11 +55,28 @@ class RaySession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.restore_from:
+            # A fresh run that starts from another run's checkpoint (a PBT exploit); once this run
+            # has checkpoints of its own, a restart resumes from those instead.
+            with self._fetch_restore_from() as d:
+                yield d
+            return
         if checkpoint is None:
             yield None
             return
         with checkpoint.as_directory() as d:
             yield d
+
+    @contextlib.contextmanager
+    def _fetch_restore_from(self) -> Iterator[str]:
+        uri = self.restore_from or ""
+        if not storage.is_remote(uri):
+            yield storage.local_path(uri)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ftdist-restore-") as tmp:
+            yield storage.download_dir(uri, tmp, self.cfg.storage)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
         import ray.train
@@ -80,7 +99,7 @@ def worker_entry(config: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     cfg = RunConfig.model_validate(config["config"])
-    train_worker(cfg, RaySession(cfg))
+    train_worker(cfg, RaySession(cfg, config.get("restore_from")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +145,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         m = manifests[split] = load_manifest(uri, cfg.storage)
         num_labels = cfg.model.num_labels or manifests["train"].num_labels
         check_compatible(m, uri, cfg.model.task, num_labels, fp)
+        check_shards_present(m, uri, cfg.storage)
         if m.num_rows < cfg.scaling.num_workers:
             raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
                             f"{cfg.scaling.num_workers}; use fewer workers or more data")
@@ -209,6 +229,10 @@ def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
 
     need = {k: v * cfg.scaling.num_workers for k, v in per_worker.items()}
     deadline = time.monotonic() + cfg.scaling.placement_timeout_s
+    with contextlib.suppress(Exception):  # ask an autoscaler (if any) for the nodes: GPU groups may sit at 0
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in per_worker.items() if k != "memory"}] * cfg.scaling.num_workers)
     while True:
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
@@ -225,8 +249,9 @@ def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
         time.sleep(1.0)
 
 
-def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None) -> Any:
-    """The TorchTrainer for ``cfg`` (also used by each Tune trial)."""
+def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_from: str | None = None) -> Any:
+    """The TorchTrainer for ``cfg`` (also used by each Tune trial). ``restore_from``: a checkpoint URI
+    a run without checkpoints of its own starts from (PBT: another trial's state)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -237,7 +262,8 @@ def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None) -> Any:
     metric = f"val_{cfg.eval_metric}"
     return TorchTrainer(
         worker_entry,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"),
+                           **({"restore_from": restore_from} if restore_from else {})},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(cfg.scaling.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
                                      resources_per_worker={k: v for k, v in per_worker.items()

@@ -33,7 +33,7 @@ from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
-from ftdist.engine import Precision, build_engine, init_distributed, resolve_precision
+from ftdist.engine import Precision, build_engine, init_distributed, reapply_hyperparameters, resolve_precision
 from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_tflops
 from ftdist.session import Session
 
@@ -126,6 +126,19 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "sample_id"}
 
 
+def train_step(s: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One micro batch: forward under autocast, backward, and DeepSpeed's step (which applies the
+    optimizer at gradient-accumulation boundaries). Returns the loss detached and still on the
+    device, so a step never waits for the device (the loop reads losses only when it logs). The
+    benchmark harness (bench/throughput.py) times this same function."""
+    inputs = _to_device(batch, s.device)
+    with _autocast(s):
+        loss = s.engine(**inputs).loss
+    s.engine.backward(loss)
+    s.engine.step()
+    return loss.detach()
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -209,6 +222,7 @@ def _train(s: Setup) -> dict[str, Any] | None:
     with session.restore_dir() as restore:
         if restore:
             state = ckpt.load(engine, session.rank, restore)
+            reapply_hyperparameters(engine, cfg)  # a PBT trial continues another trial's state with its own LR
             _log(s, f"resumed from checkpoint at epoch {state.epoch + 1}, batch {state.batch} (step {state.global_step})")
     mode, metric = cfg.eval_mode, cfg.eval_metric
     peak = peak_tflops(cfg.train.peak_tflops, s.device.type)
@@ -219,37 +233,35 @@ def _train(s: Setup) -> dict[str, Any] | None:
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
     while state.epoch < cfg.train.epochs and not state.stopped_early:
         epoch = state.epoch
-        t0, samples, tokens, loss_acc, n_loss = time.perf_counter(), 0.0, 0.0, 0.0, 0
+        t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
+        loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
         for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task)
-            inputs = _to_device(batch, s.device)
-            with _autocast(s):
-                loss = engine(**inputs).loss
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(s, batch)
             if first_step_at is None:
                 first_step_at = time.time()
             state.batch += 1
             state.global_step = engine.global_steps
             samples += len(rows)
             tokens += float(batch["attention_mask"].sum())
-            loss_acc += loss.item()
+            loss_acc += loss
             n_loss += 1
             if cfg.data.record_sample_ids:
                 state.samples.setdefault(str(epoch), []).extend(batch["sample_id"].tolist())
             if state.batch % cfg.train.log_every_steps == 0:
                 lr = engine.get_lr()[0]
-                _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {loss_acc / n_loss:.4f} "
+                _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {loss_acc.item() / n_loss:.4f} "
                         f"lr {lr:.2e} {samples * session.world_size / (time.perf_counter() - t0):.1f} samples/s")
             if cfg.train.checkpoint_every_steps and state.batch % cfg.train.checkpoint_every_steps == 0 and state.batch < S:
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
                 worst = -1e30 if mode == "max" else 1e30
                 _save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
-                                            "train_loss": loss_acc / max(n_loss, 1), f"val_{metric}": worst,
+                                            "train_loss": loss_acc.item() / max(n_loss, 1), f"val_{metric}": worst,
                                             "mid_epoch": True})
+        loss_sum = loss_acc.item()  # waits for the device, so train_time covers every step
         train_time = time.perf_counter() - t0
-        g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_acc, n_loss], s.device)
+        g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_sum, n_loss], s.device)
         throughput = {"samples_per_s": g_samples / train_time, "tokens_per_s": g_tokens / train_time,
                       "mfu": mfu(s.n_params, g_tokens / train_time, session.world_size, peak)}
         val, _ = evaluate(s, "validation")
@@ -273,7 +285,8 @@ def _train(s: Setup) -> dict[str, Any] | None:
         if state.stopped_early:
             _log(s, f"early stopping: val_{metric} did not improve for {patience} epoch(s)")
         _save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
-                                    "best_" + metric: state.best_metric, "should_checkpoint": True})
+                                    "best_" + metric: state.best_metric, "should_checkpoint": True,
+                                    "stopped_early": state.stopped_early})
     return _finish(s, state, throughput, first_step_at)
 
 

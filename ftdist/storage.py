@@ -74,8 +74,9 @@ def _s3_kwargs(cfg: StorageSection) -> dict[str, Any]:
     config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
     config_kwargs.setdefault("connect_timeout", 5)
     config_kwargs.setdefault("read_timeout", 60)
-    # botocore's own retries stay short: our budget-bounded loop owns the long waits.
-    config_kwargs.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+    # botocore retries throttling/5xx/connection errors with jittered exponential backoff (standard
+    # mode); our budget-bounded loop in `retrying` adds the long waits around whole operations.
+    config_kwargs.setdefault("retries", {"max_attempts": cfg.retries + 1, "mode": "standard"})
     return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs,
             "skip_instance_cache": True, **opts}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ class ShardInfo:
     file: str
     rows: int
     sha256: str
+    bytes: int | None = None
 
 
 @dataclass
@@ -113,3 +115,18 @@ def check_compatible(m: Manifest, split_uri: str, task: str, num_labels: int | N
     if tokenizer_fp is not None and m.tokenizer.get("sha256") != tokenizer_fp.get("sha256"):
         raise UserError(f"data set '{split_uri}' was tokenized with '{m.tokenizer.get('name')}' but the model's tokenizer "
                         f"'{tokenizer_fp.get('name')}' differs; re-run `ftdist data prepare --model` with the model's tokenizer")
+
+
+def check_shards_present(m: Manifest, split_uri: str, cfg: StorageSection) -> None:
+    """Cheap pre-flight check (one listing): every shard exists with the size the manifest recorded.
+    Content hashes are verified as each shard is read."""
+    fs, path = storage.filesystem(split_uri, cfg)
+    listing = storage.retrying(lambda: {os.path.basename(i["name"].rstrip("/")): i.get("size")
+                                        for i in fs.ls(path, detail=True)}, split_uri, "listing", cfg)
+    for s in m.shards:
+        uri = join_uri(split_uri, s.file)
+        if s.file not in listing:
+            raise UserError(f"shard '{uri}' listed in the manifest is missing; re-run `ftdist data prepare`")
+        if s.bytes is not None and listing[s.file] != s.bytes:
+            raise UserError(f"shard '{uri}' is truncated or corrupt ({listing[s.file]} bytes, the manifest says "
+                            f"{s.bytes}); re-run `ftdist data prepare`")

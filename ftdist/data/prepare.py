@@ -148,8 +148,9 @@ class _SplitWriter:
         path = os.path.join(self.out_dir, fname)
         pq.write_table(pa.table(cols), path, compression="zstd", row_group_size=4096)
         with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        self.shards.append(ShardInfo(file=fname, rows=len(idx), sha256=digest))
+            content = f.read()
+        self.shards.append(ShardInfo(file=fname, rows=len(idx), sha256=hashlib.sha256(content).hexdigest(),
+                                     bytes=len(content)))
 
 
 def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> Any:

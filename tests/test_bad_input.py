@@ -1,0 +1,172 @@
+"""The bad-input catalogue: one table, each row a mistake a user makes for real.
+
+Every row must exit 2 with exactly one stderr line naming what is wrong (no traceback), and leave
+existing runs, data sets and exports byte-for-byte untouched. Rows run the real CLI entry point
+in-process (`ftdist.cli.main`), so they are fast; tests/test_cli.py covers the subprocess path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config, prepare_local, synthetic_rows, write_jsonl
+from ftdist.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data):
+    """A workspace with a healthy data set, an existing run folder and an existing export."""
+    root = tmp_path_factory.mktemp("bad-input")
+    ds = root / "ds"
+    shutil.copytree(cls_data, ds)
+    run = root / "runs" / "existing"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.safetensors").write_bytes(b"weights")
+    (run / "ftdist_run.json").write_text(json.dumps({"fingerprint": "feedbeef", "config": {}}))
+    raw = write_jsonl(root / "raw.jsonl", synthetic_rows(50))
+    (root / "raw.csv").write_text("body,label\nhello,1\n")
+    (root / "int-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
+    gpt_ds = prepare_local(raw, root / "gpt-tok-ds", tiny_gpt, label_names=["negative", "neutral", "positive"])
+    return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
+            "gpt_ds": gpt_ds}
+
+
+def _cfg(w, **sections) -> dict:
+    return base_config(w["bert"], w["ds"], str(w["root"] / "runs"), **sections)
+
+
+def _write(w, cfg: dict, name: str = "job.yaml") -> str:
+    p = w["root"] / name
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def _damage_copy(w, what: str) -> str:
+    """A damaged copy of the healthy data set."""
+    dst = w["root"] / f"ds-{what}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(w["ds"], dst)
+    man_path = dst / "validation" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    if what == "truncated":
+        shard = dst / "validation" / man["shards"][0]["file"]
+        shard.write_bytes(shard.read_bytes()[:-50])
+    elif what == "no-manifest":
+        man_path.unlink()
+    elif what == "version":
+        man["version"] = 7
+        man_path.write_text(json.dumps(man))
+    elif what == "schema":
+        man["columns"].pop("input_ids")
+        man_path.write_text(json.dumps(man))
+    elif what == "empty-split":
+        shutil.rmtree(dst / "test")
+        (dst / "test").mkdir()
+    return str(dst)
+
+
+def train(w, **sections):
+    return ["train", _write(w, _cfg(w, **sections))]
+
+
+def prep(w, *extra: str, out: str = "new-ds"):
+    return ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / out), "--model", w["bert"], *extra]
+
+
+CASES = {
+    # --- CLI arguments
+    "cli-unknown-command": (lambda w: ["trian", "x.yaml"], "invalid choice: 'trian'"),
+    "cli-missing-config-arg": (lambda w: ["train"], "required: config"),
+    "cli-bad-set": (lambda w: ["train", _write(w, _cfg(w)), "--set", "train.epochs"], "must look like dotted.key=value"),
+    "cli-set-unknown-key": (lambda w: ["train", _write(w, _cfg(w)), "--set", "train.epocs=2"], "did you mean 'train.epochs'"),
+    "cli-bad-split": (lambda w: prep(w, "--split", "0.5,0.5"), "must be three fractions"),
+    "cli-split-not-numbers": (lambda w: prep(w, "--split", "a,b,c"), "must be three numbers"),
+    # --- config
+    "config-missing-file": (lambda w: ["train", str(w["root"] / "nope.yaml")], "not found"),
+    "config-is-directory": (lambda w: ["train", str(w["root"])], "is a directory"),
+    "config-invalid-yaml": (lambda w: ["train", _raw(w, "model: [oops\n")], "not valid YAML"),
+    "config-not-mapping": (lambda w: ["train", _raw(w, "- a\n- b\n")], "must hold a mapping"),
+    "config-unknown-section": (lambda w: ["train", _write(w, {**_cfg(w), "trainer": {}})], "did you mean 'train'"),
+    "config-wrong-type": (lambda w: train(w, train={"batch_size": "big"}), "'train.batch_size'"),
+    "config-out-of-range": (lambda w: train(w, train={"learning_rate": 5}), "'train.learning_rate'"),
+    "config-bad-zero-stage": (lambda w: train(w, deepspeed={"zero_stage": 4}), "'deepspeed.zero_stage'"),
+    "config-offload-params-stage": (lambda w: train(w, deepspeed={"offload_params": True}), "needs deepspeed.zero_stage: 3"),
+    "config-metric-not-reported": (lambda w: train(w, train={"eval_metric": "perplexity"}), "not reported for task"),
+    "config-unset-env-ref": (lambda w: train(w, storage={"options": {"token": "${env:FTDIST_NOT_SET}"}},
+                                             data={"path": "s3://bucket/ds"}), "FTDIST_NOT_SET is not set"),
+    # --- models
+    "model-path-missing": (lambda w: train(w, model={"path": str(w["root"] / "no-model")}), "model path"),
+    "model-num-labels-too-small": (lambda w: train(w, model={"num_labels": 2}), "set model.num_labels: 3"),
+    "model-label-names-mismatch": (lambda w: train(w, model={"num_labels": 3, "label_names": ["a", "b"]}),
+                                   "model.label_names has 2 names"),
+    "model-task-vs-data": (lambda w: train(w, model={"task": "causal-lm", "path": w["gpt"]}, data={"path": w["ds"]}),
+                           "prepared for task sequence-classification"),
+    "model-other-tokenizer": (lambda w: train(w, data={"path": w["gpt_ds"]}), "tokenized with"),
+    # --- data sets
+    "data-path-missing": (lambda w: train(w, data={"path": str(w["root"] / "no-data")}), "does not exist or is empty"),
+    "data-truncated-shard": (lambda w: train(w, data={"path": _damage_copy(w, "truncated")}), "truncated or corrupt"),
+    "data-no-manifest": (lambda w: train(w, data={"path": _damage_copy(w, "no-manifest")}), "manifest.json' is missing"),
+    "data-unknown-version": (lambda w: train(w, data={"path": _damage_copy(w, "version")}), "manifest version 7"),
+    "data-schema-mismatch": (lambda w: train(w, data={"path": _damage_copy(w, "schema")}), "lacks column(s) ['input_ids']"),
+    "data-empty-split": (lambda w: train(w, data={"path": _damage_copy(w, "empty-split")}), "does not exist or is empty"),
+    "prepare-input-missing": (lambda w: ["data", "prepare", "--input", str(w["root"] / "none.jsonl"), "--output",
+                                         str(w["root"] / "x"), "--model", w["bert"]], "does not exist"),
+    "prepare-text-field-missing": (lambda w: ["data", "prepare", "--input", str(w["root"] / "raw.csv"), "--output",
+                                              str(w["root"] / "y"), "--model", w["bert"]], "has no column 'text'"),
+    "prepare-label-out-of-range": (lambda w: ["data", "prepare", "--input", str(w["root"] / "int-labels.jsonl"),
+                                              "--output", str(w["root"] / "z"), "--model", w["bert"],
+                                              "--label-names", "a,b"], "has label 5"),
+    "prepare-output-exists": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", w["ds"], "--model", w["bert"]],
+                              "already holds a data set"),
+    # --- storage
+    "storage-unreachable-endpoint": (lambda w: train(w, data={"path": "s3://bucket/ds"},
+                                                     storage={"endpoint_url": "http://127.0.0.1:9", "retries": 0}),
+                                     "storage unreachable"),
+    "storage-model-uri-missing": (lambda w: train(w, model={"path": "s3://no-such-bucket/model"},
+                                                  storage={"endpoint_url": "http://127.0.0.1:9", "retries": 0}),
+                                  "storage unreachable"),
+    # --- runs
+    "run-folder-other-config": (lambda w: train(w, run={"name": "existing"}), "was made by a different config"),
+}
+
+
+def _raw(w, text: str) -> str:
+    p = w["root"] / "raw.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "job.yaml" not in p.name and "raw.yaml" not in p.name and not p.parent.name.startswith("ds-"):
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, world, capsys):
+    args_fn, fragment = CASES[name]
+    args = args_fn(world)
+    before = _tree_digest(world["root"])
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse usage errors exit directly
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("ftdist: error:"), err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert _tree_digest(world["root"]) == before, "a bad input changed existing files"
