@@ -1,0 +1,59 @@
+"""Secrets never leak: a real run with known fake credentials passed the supported ways, then a
+grep of every file it produced (stdout/stderr, Ray's session logs, the run folder in S3)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config
+
+pytestmark = pytest.mark.slow
+
+FAKE = {
+    "AWS_ACCESS_KEY_ID": "AKIAFTDISTFAKE000001",
+    "AWS_SECRET_ACCESS_KEY": "ftdist-fake-secret-access-key-0001",
+    "FTDIST_FAKE_SESSION_TOKEN": "ftdist-fake-session-token-0001",
+    "HF_TOKEN": "hf_ftdistfaketoken0001",
+}
+
+
+def test_no_secret_in_any_output(s3_server, s3_bucket, tiny_bert, cls_data, tmp_path):
+    fs = s3_server.fs()
+    fs.put(cls_data, f"{s3_bucket[5:]}/ds", recursive=True)
+    cfg = base_config(tiny_bert, f"{s3_bucket}/ds", f"{s3_bucket}/runs", run={"name": "secret"},
+                      train={"epochs": 1}, storage={"endpoint_url": s3_server.endpoint,
+                                                    "options": {"token": "${env:FTDIST_FAKE_SESSION_TOKEN}"}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    env = {**os.environ, **FAKE, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs: dict[str, bytes] = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
+        for p in Path(ray_tmp).rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                try:
+                    outputs[str(p)] = p.read_bytes()
+                except OSError:
+                    pass
+        run_files = fs.find(f"{s3_bucket[5:]}/runs/secret")
+        assert any(f.endswith("summary.json") for f in run_files) and any("/ds/mp_rank" in f for f in run_files)
+        for f in run_files:
+            outputs[f"s3://{f}"] = fs.cat(f)
+        assert len(outputs) > 20
+        for name, value in FAKE.items():
+            leaks = [where for where, data in outputs.items() if value.encode() in data]
+            assert not leaks, f"{name} leaked into {leaks[:5]}"
+    finally:
+        from test_cli import kill_processes_mentioning
+
+        kill_processes_mentioning(ray_tmp)
