@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ftdist.errors import UserError
+from ftdist.errors import RunFailed, UserError
 
 
 def _env_defaults() -> None:
@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the fully resolved config (secrets redacted)")
     _add_config_args(p)
+
+    p = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune) over a base run config")
+    p.add_argument("spec", help="sweep spec YAML (see README, Sweeps; examples in tune/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key (num_samples=4, scheduler.type=fifo) or a base config key "
+                        "(train.epochs=2) by dotted path (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
                                                                        parser_class=_Parser)
@@ -134,7 +142,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.config, args.overrides, args.address, args.follow, args.env)
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit}
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ftdist.sweep_spec import load_sweep_spec, resolve_sweep
+
+    rs = resolve_sweep(load_sweep_spec(args.spec, args.overrides))  # no Ray yet: a bad spec fails in a second
+    from ftdist.sweep import run_sweep
+    from ftdist.sweep_report import format_report
+
+    summary = run_sweep(rs, resume=args.resume, address=args.address)
+    print(format_report(summary), flush=True)
+    return 0 if summary["status"] == "completed" else 130
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return cmd_data_prepare(args)
         return COMMANDS[args.command](args)
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         if args.debug:
             raise
         print(f"ftdist: error: {e}", file=sys.stderr, flush=True)

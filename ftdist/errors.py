@@ -17,3 +17,16 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class RunFailed(Exception):
+    """A run that started but could not finish (a worker died, hung, or storage stayed down).
+
+    Not the user's input: exit code 1. The message is one line saying which ranks failed and how,
+    and that rerunning the same command resumes from the latest checkpoint.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))

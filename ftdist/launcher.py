@@ -26,7 +26,7 @@ from ftdist import storage
 from ftdist.config import RunConfig, dump_config, join_uri, redact
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
-from ftdist.errors import UserError
+from ftdist.errors import RunFailed, UserError
 from ftdist.metrics import majority_baseline
 
 log = logging.getLogger("ftdist")
@@ -199,6 +199,10 @@ def connect_ray(cfg: RunConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    # A rank that stops responding fails the run after collective_timeout_s (Ray Train's worker
+    # health check; DeepSpeed's CPU shared-memory allreduce has no timeout of its own). On a
+    # cluster, set RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S in the cluster's environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(cfg.scaling.collective_timeout_s))
     ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
              include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
 
@@ -286,6 +290,27 @@ def user_error_from_ray(exc: BaseException) -> UserError | None:
     return UserError(m.group(1)) if m else None
 
 
+def describe_worker_failures(exc: BaseException) -> str | None:
+    """One line per failed rank from Ray Train's WorkerGroupError (None if it is not one)."""
+    for e in _exc_chain(exc):
+        failures = getattr(e, "worker_failures", None)
+        if not isinstance(failures, dict) or not failures:
+            continue
+        parts = []
+        for rank, err in sorted(failures.items()):
+            text = str(err)
+            if "health check" in text:
+                kind = "stopped responding (health check failed: the rank is stalled, hung or was killed)"
+            elif "timed out" in text.lower() or "timeout" in text.lower():
+                kind = "timed out in a collective (another rank is stalled or gone)"
+            else:
+                lines = [l for l in text.strip().splitlines() if l.strip()]
+                kind = f"raised {lines[-1].strip()[:200] if lines else type(err).__name__}"
+            parts.append(f"rank {rank} {kind}")
+        return "; ".join(parts)
+    return None
+
+
 def _exc_chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     stack = [exc]
@@ -337,11 +362,15 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     trainer = build_trainer(cfg)
     try:
         trainer.fit()
-    except Exception as e:  # noqa: BLE001 - turned into a UserError when it is one
+    except Exception as e:  # noqa: BLE001 - turned into a UserError or a one-line RunFailed
         ue = user_error_from_ray(e)
         if ue is not None:
             raise ue from None
-        raise
+        why = describe_worker_failures(e)
+        if why is None:
+            raise
+        raise RunFailed(f"run '{cfg.run.name}' failed: {why}; completed checkpoints are kept in {run_uri}: "
+                        f"rerun the same command to resume from the latest") from e
     from ftdist.loop import RESULT_FILE
 
     result = json.loads(storage.read_text(join_uri(run_uri, RESULT_FILE), cfg.storage))

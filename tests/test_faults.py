@@ -23,15 +23,16 @@ def _train_ids(data: str) -> list[int]:
     return sorted(i for f in Path(data, "train").glob("*.parquet") for i in pq.read_table(f)["sample_id"].to_pylist())
 
 
-def _worker_pids() -> list[int]:
+def _worker_pids(root_pid: int | None = None) -> list[int]:
+    """Ray Train worker processes started under ``root_pid`` (default: this test process), in start order."""
     out = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(root_pid).children(recursive=True):
         try:
-            if any("RayTrainWorker" in c for c in p.info["cmdline"] or []):
-                out.append(p.pid)
+            if any("RayTrainWorker" in c for c in p.cmdline()):
+                out.append((p.create_time(), p.pid))
         except psutil.NoSuchProcess:
             pass
-    return out
+    return [pid for _, pid in sorted(out)]
 
 
 def test_worker_sigkill_mid_epoch_restarts_and_trains_every_sample_once(tiny_bert, cls_data, tmp_path, ray_local):
