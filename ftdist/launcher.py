@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import RunConfig, dump_config, join_uri, redact
+from ftdist.config import RunConfig, dump_config, join_uri, redact, redact_uri
+from ftdist.storage import classify
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
 from ftdist.errors import RunFailed, UserError
@@ -290,9 +291,16 @@ def user_error_from_ray(exc: BaseException) -> UserError | None:
     return UserError(m.group(1)) if m else None
 
 
-def describe_worker_failures(exc: BaseException) -> str | None:
-    """One line per failed rank from Ray Train's WorkerGroupError (None if it is not one)."""
+def describe_failure(exc: BaseException) -> str | None:
+    """One line from Ray Train's WorkerGroupError (per failed rank) or ControllerError (None if neither)."""
     for e in _exc_chain(exc):
+        controller = getattr(e, "controller_failure", None)
+        if controller is not None:
+            lines = [l for l in str(controller).strip().splitlines() if l.strip()]
+            last = redact_uri(lines[-1].strip()[:240]) if lines else type(controller).__name__
+            hint = " (object storage unreachable: check storage.endpoint_url / the S3 service)" if classify(
+                controller) == "transient" or "connect" in last.lower() else ""
+            return f"the Ray Train controller failed: {last}{hint}"
         failures = getattr(e, "worker_failures", None)
         if not isinstance(failures, dict) or not failures:
             continue
@@ -366,7 +374,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         ue = user_error_from_ray(e)
         if ue is not None:
             raise ue from None
-        why = describe_worker_failures(e)
+        why = describe_failure(e)
         if why is None:
             raise
         raise RunFailed(f"run '{cfg.run.name}' failed: {why}; completed checkpoints are kept in {run_uri}: "
