@@ -78,3 +78,18 @@ def test_submit_refuses_literal_secrets_and_secret_env(tmp_path, tiny_bert, cls_
     path.write_text(yaml.safe_dump(cfg))
     proc = run_cli("submit", str(path), "--address", "http://127.0.0.1:1", "--env", "AWS_SECRET_ACCESS_KEY=x")
     assert proc.returncode == 2 and "looks like a secret" in proc.stderr
+
+
+def test_unplaceable_workers_fail_fast_saying_what_was_asked(tiny_bert, cls_data, tmp_path, ray_local):
+    from ftdist.config import load_config
+    from ftdist.errors import UserError
+    from ftdist.launcher import run_training
+
+    cfg = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "huge"},
+                                       scaling={"num_workers": 2, "cpus_per_worker": 16, "placement_timeout_s": 2}))
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        run_training(cfg)
+    assert time.monotonic() - t0 < 60
+    msg = str(e.value)
+    assert "asked for CPU=32" in msg and "the cluster has CPU=2" in msg and "\n" not in msg

@@ -28,7 +28,8 @@ def test_prepare_train_checkpoint_export_all_in_s3(s3_server, s3_bucket, tiny_be
     assert len(ms["train"].shards) >= 4
     assert fs.exists(f"{s3_bucket[5:]}/ds/tickets/train/manifest.json")
 
-    cfg = load_config(data=base_config(tiny_bert, f"{s3_bucket}/ds/tickets", f"{s3_bucket}/runs",
+    fs.put(tiny_bert, f"{s3_bucket[5:]}/models/tiny-bert", recursive=True)  # model.path may be s3:// too
+    cfg = load_config(data=base_config(f"{s3_bucket}/models/tiny-bert", f"{s3_bucket}/ds/tickets", f"{s3_bucket}/runs",
                                        run={"name": "s3run"}, deepspeed={"zero_stage": 2},
                                        storage={"endpoint_url": s3_server.endpoint}))
     summary = run_training(cfg)
