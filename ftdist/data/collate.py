@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -15,12 +16,13 @@ def collate(rows: list[dict[str, Any]], pad_id: int, task: str, pad_to_multiple_
     longest = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of > 1:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    ids_np = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    mask_np = np.zeros((len(rows), longest), dtype=np.int64)
     for i, r in enumerate(rows):
-        seq = r["input_ids"]
-        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
+        n = len(r["input_ids"])
+        ids_np[i, :n] = r["input_ids"]  # numpy views from the reader, or lists
+        mask_np[i, :n] = 1
+    ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
     batch = {"input_ids": ids, "attention_mask": mask}
     if task == "causal-lm":
         batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)

@@ -174,10 +174,16 @@ class ShardReader:
         rng = epoch_rng(self.seed, epoch, self.rank + 1)
         buf: list[dict[str, Any]] = []
         for table in self._tables(plan):
-            cols = {c: table.column(c).to_pylist() for c in self.columns}
+            # Token ids stay in Arrow's int32 buffer (rows are numpy views into it): a Python list
+            # per row would cost ~10x the memory of the shard itself.
+            ids = table.column("input_ids").combine_chunks()
+            offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+            scalars = {c: table.column(c).to_pylist() for c in self.columns if c != "input_ids"}
             idx = rng.permutation(table.num_rows) if self.shuffle else range(table.num_rows)
             for i in idx:
-                buf.append({c: cols[c][i] for c in self.columns})
+                row = {c: col[i] for c, col in scalars.items()}
+                row["input_ids"] = values[offsets[i]:offsets[i + 1]]
+                buf.append(row)
                 if len(buf) >= self.buffer:
                     yield from self._drain(buf, rng, keep=self.buffer // 2)
         yield from self._drain(buf, rng, keep=0)
