@@ -102,6 +102,7 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     total = math.ceil(steps * cfg.train.epochs / cfg.train.gradient_accumulation_steps)
     model.to(device)
     engine, _ = build_engine(cfg, model, total, precision)
+    engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
