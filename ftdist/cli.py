@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune) over a base run config")
     p.add_argument("spec", help="sweep spec YAML (see README, Sweeps; examples in tune/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key (num_samples=4, scheduler.type=fifo) or a base config key "
+                   help="override a spec key (num_samples=4, 'scheduler={type: fifo}') or a base config key "
                         "(train.epochs=2) by dotted path (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
@@ -171,5 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftdist: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        print("ftdist: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        again = "add --resume to continue the sweep" if args.command == "tune" else "rerun the same command to resume"
+        print(f"ftdist: interrupted; {again} from the latest checkpoint", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@ matter for speed, from measurements (bench/RESULTS.md):
 - mixed precision through ``torch.autocast`` with fp32 master weights (``mixed_precision:
   torch_autocast``) rather than DeepSpeed's bf16 optimizer wrapper, which lost up to 2.9x to a
   plain loop on one GPU;
-- ftdist's own AdamW (fused on CUDA) with weight decay off for biases and norms, and its own
+- ftdist's own AdamW (fused, on CPU as on CUDA) with weight decay off for biases and norms, and its own
   warmup+decay schedule, unless optimizer offload needs DeepSpeed's CPU Adam;
 - no DeepSpeed progress printing or wall-clock breakdown in the hot path.
 """
@@ -113,13 +113,23 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     if "optimizer" in ds_cfg:
         optimizer = None
     else:
-        fused = {"fused": True} if torch.cuda.is_available() else {}
+        # Fused on CPU too (torch >= 2.4): the default per-tensor AdamW step took 8x longer on 2 cores.
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=cfg.train.adam_betas,
-                                      eps=cfg.train.adam_eps, **fused)
+                                      eps=cfg.train.adam_eps, fused=True)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: LambdaLR(opt, sched_fn), config=ds_cfg, dist_init_required=False)
+    if ds_cfg["zero_optimization"]["stage"] == 0 and _world_size() == 1:
+        # One rank without ZeRO: DeepSpeed would still flatten every gradient, all-reduce it with
+        # itself and copy it back, each step.
+        engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def init_distributed(device_type: str) -> None:
@@ -127,6 +137,15 @@ def init_distributed(device_type: str) -> None:
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    if device_type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op (40-75 s on 2 cores, once per machine)
+        # that only its *inference* all-reduce uses; training all-reduces go through gloo. Skip it.
+        import importlib
+
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # `import a.b.torch as x` finds torch itself
+        if hasattr(ds_torch_comm, "build_shm_op"):
+            ds_torch_comm.build_shm_op = lambda: None
 
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", auto_mpi_discovery=False)
 

@@ -204,8 +204,26 @@ def connect_ray(cfg: RunConfig) -> None:
     # health check; DeepSpeed's CPU shared-memory allreduce has no timeout of its own). On a
     # cluster, set RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S in the cluster's environment.
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(cfg.scaling.collective_timeout_s))
+    # Ray's own helpers find "the" cluster by scanning the machine; with several Ray clusters on one
+    # machine that fails, and Train's PlacementGroupCleaner then never frees the resources of a run
+    # whose controller was killed (every trial a Tune scheduler stops). Pin the dashboard port and
+    # name it in the environment the cluster's processes inherit.
+    dashboard = {}
+    if "RAY_API_SERVER_ADDRESS" not in os.environ:
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        dashboard = {"dashboard_port": port}
     ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
-             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+             **dashboard)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def use_gpu(cfg: RunConfig) -> bool:

@@ -424,9 +424,13 @@ def normalize_metric(metric: str | None, task: str, default: str) -> str:
     return "val_" + name
 
 
-def load_base(spec: SweepSpec) -> dict[str, Any]:
-    """The base run config as a raw dict, with ``base.set`` applied (not yet validated)."""
-    raw = read_yaml(spec.base.path) if spec.base.path else copy.deepcopy(spec.base.config or {})
+def load_base(spec: SweepSpec, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The base run config as a raw dict (``raw``: its content when the file is elsewhere, e.g. a
+    ConfigMap checked offline), with ``base.set`` applied; not yet validated."""
+    if raw is not None:
+        raw = copy.deepcopy(raw)
+    else:
+        raw = read_yaml(spec.base.path) if spec.base.path else copy.deepcopy(spec.base.config or {})
     for item in spec.base.set:
         key, value = parse_override(item)
         if key not in KNOWN_PATHS and not _is_free_dict_key(key):
@@ -444,7 +448,7 @@ def _validate(raw: dict[str, Any], source: str) -> RunConfig:
 
 def resolve_sweep(spec: SweepSpec, base_raw: dict[str, Any] | None = None) -> ResolvedSweep:
     """Check the spec against its base config; every value a trial can receive must pass the schema."""
-    raw = load_base(spec) if base_raw is None else copy.deepcopy(base_raw)
+    raw = load_base(spec, base_raw)
     for k, v in spec.resources_per_trial.model_dump(exclude_none=True).items():
         raw.setdefault("scaling", {})[k] = v
     source = f"base config {spec.base.path}" if spec.base.path else "base config"

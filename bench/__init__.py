@@ -1,0 +1,1 @@
+"""Benchmarks of ftdist's training path (``python -m bench.throughput --help``); results in RESULTS.md."""
