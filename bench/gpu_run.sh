@@ -2,18 +2,20 @@
 # The GPU benchmark, as one script for a single-GPU machine without Ray (the H200 box has torch,
 # transformers and pyarrow). Run from anywhere; writes JSON + logs to $OUT (default bench/out/gpu).
 #
-#   bash bench/gpu_run.sh          # quick: BERT-base and GPT-2 124M, ftdist vs plain vs HF (~3 min)
-#   bash bench/gpu_run.sh extra    # torch.compile, ZeRO stages, DeepSpeed bf16, levers (~9 min)
-#   bash bench/gpu_run.sh full     # both
+#   bash bench/gpu_run.sh          # quick: the goals, BERT-base and GPT-2 124M, ftdist vs plain vs HF (<= 6 min)
+#   bash bench/gpu_run.sh compile  # torch.compile for all three; BERT-base ZeRO stages and DeepSpeed bf16 (<= 9 min)
+#   bash bench/gpu_run.sh levers   # GPT-2 ZeRO stages, activation checkpointing, eager attention, accumulation (<= 10 min)
+#   bash bench/gpu_run.sh full     # all three parts (longer than one 10-minute device command: run parts separately)
 #   DEVICE=cpu bash bench/gpu_run.sh   # rehearsal on a CPU machine: same script, batch 2 x 64, 2 steps
 #
 # deepspeed, accelerate and their small pure-Python/cp312 dependencies travel as wheels in .whl/
-# (see bench/RESULTS.md for how they were fetched); only the ones missing or older here are
+# (filled by bench/fetch_wheels.sh, carried with the tree); only the ones missing or older here are
 # installed, into $SITE, never into the system site-packages. Each run has its own timeout, so one
 # failure or hang leaves the others' JSON in place.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
+case "$MODE" in quick|compile|levers|full) ;; *) echo "usage: $0 [quick|compile|levers|full]"; exit 2 ;; esac
 OUT=${OUT:-bench/out/gpu}
 SITE=${SITE:-/tmp/site}
 PY=${PYTHON:-python}
@@ -43,7 +45,7 @@ EOF
 )
   if [ -n "$need" ]; then
     echo "installing into $SITE: $need"
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" $need || exit 1
+    "$PY" -m pip install -q --upgrade --no-index --no-deps --target "$SITE" $need || exit 1
   fi
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -67,13 +69,14 @@ run() {  # run NAME TIMEOUT_S ARGS...
   [ $rc -eq 0 ] || { echo "!! $name failed (exit $rc):"; tail -20 "$OUT/$name.err"; }
 }
 
-if [ "$MODE" != extra ]; then
-# The goals: ftdist >= 1.0x the plain bf16 loop and >= 1.5x the HF Trainer on both models.
-run bert-base 150 --model bert-base --contenders ftdist plain hf --rounds 3 --steps 30 --warmup 5 --round-warmup 2
-run gpt2-124m 180 --model gpt2-124m --contenders ftdist plain hf --rounds 3 --steps 15 --warmup 5 --round-warmup 2
-fi
+part() { [ "$MODE" = full ] || [ "$MODE" = "$1" ]; }
 
-if [ "$MODE" != quick ]; then
+if part quick; then
+  # The goals: ftdist >= 1.0x the plain bf16 loop and >= 1.5x the HF Trainer on both models.
+  run bert-base 150 --model bert-base --contenders ftdist plain hf --rounds 3 --steps 30 --warmup 5 --round-warmup 2
+  run gpt2-124m 180 --model gpt2-124m --contenders ftdist plain hf --rounds 3 --steps 15 --warmup 5 --round-warmup 2
+fi
+if part compile; then
   # GPT-2 >= 400k tokens/s needs torch.compile; every contender compiled, HF included.
   run gpt2-124m-compile 300 --model gpt2-124m --compile --contenders ftdist plain hf --rounds 3 --steps 15 --warmup 5 --round-warmup 3
   # DeepSpeed settings per ZeRO stage, and its own bf16 optimizer vs torch_autocast (ftdist's default).
@@ -81,12 +84,14 @@ if [ "$MODE" != quick ]; then
     ftdist@deepspeed.zero_stage=1 ftdist@deepspeed.zero_stage=2 ftdist@deepspeed.zero_stage=2@deepspeed.overlap_comm=false \
     ftdist@deepspeed.zero_stage=3 ftdist@deepspeed.mixed_precision=deepspeed ftdist@bench.ws1_allreduce=true \
     ftdist@bench.torch_clip=true plain
-  run gpt2-124m-zero 240 --model gpt2-124m --rounds 3 --steps 10 --warmup 4 --contenders ftdist \
+fi
+if part levers; then
+  run gpt2-124m-zero 220 --model gpt2-124m --rounds 3 --steps 10 --warmup 4 --contenders ftdist \
     ftdist@deepspeed.zero_stage=1 ftdist@deepspeed.zero_stage=2 ftdist@deepspeed.zero_stage=3 \
-    ftdist@deepspeed.mixed_precision=deepspeed plain
-  # Levers: activation checkpointing (memory for compute), eager attention vs SDPA, accumulation.
-  run gpt2-124m-ckpt 150 --model gpt2-124m --grad-ckpt --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
-  run gpt2-124m-eager 150 --model gpt2-124m --attn eager --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
-  run bert-base-accum4 150 --model bert-base --grad-accum 4 --contenders ftdist plain hf --rounds 2 --steps 10 --warmup 3
+    ftdist@deepspeed.mixed_precision=deepspeed ftdist@bench.torch_clip=true plain
+  # Activation checkpointing (memory for compute), eager attention vs SDPA, gradient accumulation.
+  run gpt2-124m-ckpt 120 --model gpt2-124m --grad-ckpt --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
+  run gpt2-124m-eager 120 --model gpt2-124m --attn eager --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
+  run bert-base-accum4 120 --model bert-base --grad-accum 4 --contenders ftdist plain hf --rounds 2 --steps 10 --warmup 3
 fi
 echo "== done: $(ls "$OUT"/*.json 2>/dev/null | wc -l) JSON file(s) in $OUT"

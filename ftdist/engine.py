@@ -113,7 +113,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     if "optimizer" in ds_cfg:
         optimizer = None
     else:
-        # Fused on CPU too (torch >= 2.4): the default per-tensor AdamW step took 8x longer on 2 cores.
+        # Fused on CPU too (torch >= 2.4): with the default per-tensor AdamW a small BERT's CPU step took
+        # 1.6x as long (bench/RESULTS.md).
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=cfg.train.adam_betas,
                                       eps=cfg.train.adam_eps, fused=True)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -121,7 +122,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
         lr_scheduler=lambda opt: LambdaLR(opt, sched_fn), config=ds_cfg, dist_init_required=False)
     if ds_cfg["zero_optimization"]["stage"] == 0 and _world_size() == 1:
         # One rank without ZeRO: DeepSpeed would still flatten every gradient, all-reduce it with
-        # itself and copy it back, each step.
+        # itself and copy it back, each step (+7% step time on CPU, bench/RESULTS.md).
         engine.enable_backward_allreduce = False
     return engine, scheduler
 
