@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import base_config, run_cli
+from test_cli import kill_processes_mentioning
 from ftdist.errors import UserError
 from ftdist.sweep_spec import Dimension, load_sweep_spec, resolve_sweep, trial_config
 
@@ -234,18 +235,6 @@ def test_restore_with_perturbed_hyperparameters_at_every_zero_stage(stage, tiny_
 
 # ---------------------------------------------------------------------------------------------
 # Real sweeps through the CLI (Ray Tune + Ray Train + DeepSpeed, tiny models, 2 CPUs)
-
-
-def kill_processes_mentioning(text: str) -> None:
-    """SIGKILL processes whose command line mentions ``text`` (only ours: a unique temp dir)."""
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in part for part in p.info["cmdline"] or []):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
 
 
 def _sweep_env(ray_tmp: str) -> dict:
