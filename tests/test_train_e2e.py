@@ -34,10 +34,11 @@ def _predict(model_dir: str, data: str, task: str = "sequence-classification") -
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_trains_exports_and_predicts_identically(stage, tiny_bert, cls_data, tmp_path, ray_local):
     cfg = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": f"z{stage}"},
-                                       deepspeed={"zero_stage": stage}))
+                                       deepspeed={"zero_stage": stage},
+                                       train={"epochs": 3, "learning_rate": 5e-3, "warmup_ratio": 0.1}))
     summary = run_training(cfg)
     epochs = summary["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] or epochs[-1]["val_accuracy"] > 0.6
     assert summary["test"]["accuracy"] > summary["baseline"]["majority_class_accuracy"]
     assert summary["world_size"] == 2 and len(summary["node_ids"]) == 2
