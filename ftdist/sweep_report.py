@@ -40,6 +40,7 @@ class TrialRecord:
     exploits: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None  # train_result.json of the last run, if it finished
     error: str | None = None
+    epochs_trained: int | None = None  # from the runs' own checkpoints (None: unknown, count the rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,9 +120,37 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
         err = None
         if t.status == "ERROR":
             err = _error_line(t.get_error() or "")
+        inherited = {e["run"]: checkpoint_epoch(e.get("copied") or e.get("source") or "") for e in exploits}
+        trained = [epochs_reached(join_uri(rs.trials_uri, run), st) for run in runs]
+        total = (sum(max(0, n - inherited.get(run, 0)) for run, n in zip(runs, trained))
+                 if runs and None not in trained else None)
         records.append(TrialRecord(name, t.status, {k: _plain(t.config.get(k)) for k in rs.spec.space}, rows,
-                                   runs or [name], exploits, result, err))
+                                   runs or [name], exploits, result, err, total))
     return records
+
+
+def checkpoint_epoch(uri: str) -> int:
+    """Epochs done in a checkpoint, from its name (``epoch003-batch000000-...``, see checkpoint.py)."""
+    m = re.match(r"epoch(\d+)-", uri.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else 0
+
+
+def epochs_reached(run_uri: str, st: Any) -> int | None:
+    """The last whole epoch a Train run finished: from its ``train_result.json`` or the newest
+    checkpoint in its snapshot file. Unlike Tune's result log, this counts epochs a killed driver
+    never passed on to Tune. None if the run left neither."""
+    reached = []
+    res = join_uri(run_uri, "train_result.json")
+    if storage.exists(res, st):
+        epochs = json.loads(storage.read_text(res, st)).get("epochs") or []
+        reached.append(int(epochs[-1]["epoch"]) if epochs else 0)
+    snap = join_uri(run_uri, "checkpoint_manager_snapshot.json")
+    if storage.exists(snap, st):
+        latest = json.loads(storage.read_text(snap, st)).get("latest_checkpoint_result") or {}
+        epoch = (latest.get("metrics") or {}).get("epoch")
+        if isinstance(epoch, (int, float)):
+            reached.append(int(math.floor(epoch)))
+    return max(reached) if reached else None
 
 
 def _ordered_runs(segs: dict[str, Any]) -> list[str]:
@@ -169,7 +198,8 @@ def trial_entry(rs: ResolvedSweep, rec: TrialRecord) -> dict[str, Any]:
     last_run = (rec.rows[-1].get("ftdist_run") if rec.rows else None) or rec.runs[-1]
     return {
         "trial": rec.trial, "config": rec.config, "status": status, "stop_reason": reason,
-        "epochs_run": len(rec.rows), "max_epochs": epochs, "best_metric": best, "best_epoch": best_epoch,
+        "epochs_run": max(len(rec.rows), rec.epochs_trained or 0), "max_epochs": epochs,
+        "best_metric": best, "best_epoch": best_epoch,
         "last_metric": values[-1] if values else None, "curve": curve,
         "test": result.get("test") if status == "completed" else None,
         "run_dir": join_uri(rs.trials_uri, last_run), "runs": rec.runs, "exploits": rec.exploits,

@@ -464,7 +464,8 @@ def resolve_sweep(spec: SweepSpec, base_raw: dict[str, Any] | None = None) -> Re
                 RunConfig.model_validate(sample)
             except ValidationError as e:
                 msg = validation_message(e, "config").removeprefix("config: ")
-                raise UserError(f"sweep spec: space '{key}' value {value!r} is not a valid run config value: {msg}") from None
+                raise UserError(f"sweep spec: space '{key}' value {value!r} is not a valid run config value: "
+                                f"{msg}") from None
     first = copy.deepcopy(base)
     for key, dim in spec.space.items():
         set_dotted(first, key, dim.extremes()[0])
