@@ -562,9 +562,9 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
     flat_cfg = cfg.model_copy(deep=True)
     flat_cfg.data.length_bucketing = False
     variants = {
-        "bucketing": (_reader(cfg, s.session, "train", s.manifests["train"], shuffle=True), False),
-        "dynamic": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True), False),
-        "max_length": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True), True),
+        "bucketing": (_reader(cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
+        "dynamic": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
+        "max_length": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), True),
     }
     assert variants["bucketing"][0].length_bucketing and not variants["dynamic"][0].length_bucketing
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="tokenize JSONL/CSV/Parquet into streamable shards")
     p.add_argument("--input", required=True, help="raw file: local path or any fsspec URL (s3://...)")
     p.add_argument("--output", required=True, help="data set prefix to create (local or s3://...)")
-    p.add_argument("--model", required=True, help="model or tokenizer path/hub id whose tokenizer to use")
+    p.add_argument("--model", help="model or tokenizer path/hub id whose tokenizer to use (not needed with --raw-text)")
     p.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm"])
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--limit", type=int, help="keep a seeded random sample of this many rows")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--raw-text", action="store_true",
+                   help="store raw text, not token ids: workers tokenize on the fly with the model's tokenizer")
+    p.add_argument("--keep-text", action="store_true", help="store the raw text next to the token ids")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set at --output")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return parser
@@ -125,7 +128,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise UserError("--rows-per-shard must be >= 1 and --max-length >= 8")
     spec = PrepareSection(input=args.input, format=args.format, text_field=args.text_field,
                           label_field=args.label_field if args.task == "sequence-classification" else None,
-                          split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding, limit=args.limit)
+                          split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding, limit=args.limit,
+                          tokenize=not args.raw_text, keep_text=args.keep_text)
     cfg = StorageSection(endpoint_url=args.endpoint_url)
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     manifests = prepare(spec, args.output, args.model, args.max_length, args.task, cfg, seed=args.seed,

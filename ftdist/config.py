@@ -77,6 +77,9 @@ class PrepareSection(Section):
     rows_per_shard: int = Field(20000, ge=1)
     encoding: str = "utf-8"
     limit: int | None = Field(None, ge=1, description="keep a seeded random sample of this many rows")
+    tokenize: bool = Field(True, description="false: shards hold raw text; workers tokenize on the fly "
+                                             "with the model's tokenizer and data.max_length")
+    keep_text: bool = Field(False, description="also store the raw text next to the token ids")
 
 
 class DataSection(Section):

@@ -95,7 +95,7 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage)
     n_params = sum(p.numel() for p in model.parameters())
     seed_everything(cfg.run.seed + session.rank)
-    train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True)
+    train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -109,11 +109,14 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
                  train_reader, steps)
 
 
-def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool) -> ShardReader:
+def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
+            tokenizer: Any) -> ShardReader:
+    """This rank's reader for ``split``; the tokenizer is used only by raw-text data sets."""
     d = cfg.data
     return ShardReader(split_uri(cfg, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
                        cfg.run.seed, shuffle=shuffle, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch_shards,
-                       length_bucketing=d.length_bucketing and shuffle, manifest=manifest)
+                       length_bucketing=d.length_bucketing and shuffle, manifest=manifest,
+                       tokenizer=tokenizer, max_length=d.max_length)
 
 
 def _autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
@@ -160,7 +163,7 @@ def _log(s: Setup, msg: str) -> None:
 def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str, float], list[tuple[int, int]]]:
     """Loss and task metrics over a whole split, summed across ranks (every rank runs the same
     number of batches, which ZeRO-3's parameter gathering needs)."""
-    reader = _reader(s.cfg, s.session, split, s.manifests[split], shuffle=False)
+    reader = _reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
     engine, task = s.engine, s.cfg.model.task
     k = s.num_labels or 1
     confusion = torch.zeros(k, k, dtype=torch.long)

@@ -122,6 +122,8 @@ CASES = {
     "prepare-label-out-of-range": (lambda w: ["data", "prepare", "--input", str(w["root"] / "int-labels.jsonl"),
                                               "--output", str(w["root"] / "z"), "--model", w["bert"],
                                               "--label-names", "a,b"], "has label 5"),
+    "prepare-no-tokenizer": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / "t")],
+                             "pass --model (or --raw-text"),
     "prepare-output-exists": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", w["ds"], "--model", w["bert"]],
                               "already holds a data set"),
     # --- storage

@@ -43,6 +43,25 @@ def _assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None
     assert "Traceback" not in proc.stderr
 
 
+def test_data_prepare_tokenized_and_raw_text(tmp_path, tiny_bert):
+    from conftest import synthetic_rows, write_jsonl
+
+    raw = write_jsonl(tmp_path / "tickets.jsonl", synthetic_rows(300))
+    p = run_cli("data", "prepare", "--input", str(raw), "--output", str(tmp_path / "tok"), "--model", tiny_bert,
+                "--split", "0.8,0.1,0.1", "--rows-per-shard", "100", "--keep-text", "--max-length", "32", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert sum(s["rows"] for s in out["splits"].values()) == 300 and out["splits"]["train"]["shards"] == 3
+    m = json.loads((tmp_path / "tok" / "train" / "manifest.json").read_text())
+    assert {"input_ids", "text", "label"} <= set(m["columns"]) and m["max_length"] == 32 and m["tokenizer"]["sha256"]
+    # --raw-text needs no tokenizer at all: workers tokenize with the model's own.
+    p = run_cli("data", "prepare", "--input", str(raw), "--output", str(tmp_path / "raw"), "--raw-text", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((tmp_path / "raw" / "train" / "manifest.json").read_text())
+    assert "input_ids" not in m["columns"] and "text" in m["columns"] and m["tokenizer"] is None
+    assert m["num_rows"] == out["splits"]["train"]["rows"]
+
+
 def test_config_show_redacts_and_resolves(tmp_path, tiny_bert, cls_data):
     cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"))
     cfg["storage"]["options"] = {"secret": "hunter2-secret"}

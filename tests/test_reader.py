@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import prepare_local, synthetic_rows, write_jsonl
+from conftest import NAMES, prepare_local, synthetic_rows, write_jsonl
 from ftdist.config import StorageSection
 from ftdist.data.reader import ShardReader
 from ftdist.errors import UserError
@@ -65,6 +65,65 @@ def test_batches_are_padded_dynamically_and_bucketed(dataset):
         lengths.append(max(len(x["input_ids"]) for x in rows))
     assert widths == lengths  # padded to the longest in the batch, not max_length
     assert max(widths) < 64
+
+
+def _prepare(tmp_path_factory, tiny_bert, name: str, **options) -> str:
+    """The reader fixture's raw rows prepared again, with PrepareSection ``options``."""
+    from ftdist.config import PrepareSection
+    from ftdist.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp(name)
+    raw = write_jsonl(d / "raw.jsonl", synthetic_rows(1003, seed=5))
+    spec = PrepareSection(input=str(raw), rows_per_shard=37, **options)
+    prepare(spec, str(d / "ds"), tiny_bert if spec.tokenize else None, 64, "sequence-classification", S,
+            label_names=NAMES)
+    return str(d / "ds")
+
+
+def _stream(reader: ShardReader, epochs: int = 2) -> list[tuple[int, list[int], int, int]]:
+    return [(r["sample_id"], [int(t) for t in r["input_ids"]], r["length"], r["label"])
+            for e in range(epochs) for b in reader.batches(e) for r in b]
+
+
+def test_raw_text_data_set_is_tokenized_on_the_fly_to_the_same_batches(dataset, tmp_path_factory, tiny_bert):
+    """A raw-text data set streams exactly the batches (ids, tokens, order, labels) of the tokenized one."""
+    from ftdist.data.manifest import load_manifest
+    from ftdist.modeling import load_tokenizer
+
+    raw_ds = _prepare(tmp_path_factory, tiny_bert, "raw-text", tokenize=False)
+    m = load_manifest(f"{raw_ds}/train", S)
+    assert not m.tokenized and m.tokenizer is None and m.max_length is None and "text" in m.columns
+    import pyarrow.parquet as pq
+    assert "input_ids" not in pq.read_schema(f"{raw_ds}/train/{m.shards[0].file}").names
+    tok = load_tokenizer(tiny_bert, trust_remote_code=False)
+    with pytest.raises(ValueError, match="raw text"):
+        _reader(raw_ds, 0, 2)
+    for rank in (0, 1):
+        on_the_fly = _stream(_reader(raw_ds, rank, 2, tokenizer=tok, max_length=64))
+        assert on_the_fly == _stream(_reader(dataset, rank, 2))
+    # max_length applies at read time: a shorter one truncates without re-preparing.
+    short = _stream(_reader(raw_ds, 0, 1, tokenizer=tok, max_length=16), epochs=1)
+    assert max(length for _, _, length, _ in short) == 16
+    assert all(len(ids) == length for _, ids, length, _ in short)
+
+
+def test_keep_text_stores_the_raw_text_next_to_the_ids(dataset, tmp_path_factory, tiny_bert):
+    import pyarrow.parquet as pq
+
+    kept = _prepare(tmp_path_factory, tiny_bert, "keep-text", keep_text=True)
+    raw = {i: r["text"] for i, r in enumerate(synthetic_rows(1003, seed=5))}
+    rows = [r for f in sorted(Path(kept, "train").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert rows and all(r["text"] == raw[r["sample_id"]] for r in rows)
+    assert _stream(_reader(kept, 0, 1)) == _stream(_reader(dataset, 0, 1))
+
+
+def test_raw_text_data_set_is_reused_when_only_max_length_changes(tmp_path, tiny_bert):
+    from ftdist.config import PrepareSection
+    from ftdist.data.prepare import spec_record
+
+    raw, tok = PrepareSection(input="x.jsonl", tokenize=False), PrepareSection(input="x.jsonl")
+    assert spec_record(raw, "sequence-classification", 0, 64) == spec_record(raw, "sequence-classification", 0, 128)
+    assert spec_record(tok, "sequence-classification", 0, 64) != spec_record(tok, "sequence-classification", 0, 128)
 
 
 def _copy(dataset: str, tmp_path: Path) -> Path:

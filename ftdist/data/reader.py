@@ -14,7 +14,9 @@ How an epoch is laid out (a pure function of seed, epoch, rank and world size; s
    bounded by a shard, whatever the data set size), permutes each shard's rows, and streams them
    through a bounded shuffle buffer; with ``length_bucketing`` the buffer hands out runs of similar
    length (less padding) in a shuffled order.
-5. A background thread reads ahead ``prefetch_shards`` shards while the current one trains.
+5. A background thread reads ahead ``prefetch_shards`` shards while the current one trains. For a
+   raw-text data set that thread also tokenizes each shard (one batch call of the fast tokenizer),
+   so on-the-fly tokenization overlaps with compute like I/O does.
 
 The position is ``(epoch, batches_done)``; resuming replays the (cheap, I/O-only) stream up to that
 batch and continues, so no sample of an interrupted epoch is repeated or skipped.
@@ -22,6 +24,7 @@ batch and continues, so no sample of an interrupted epoch is repeated or skipped
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import queue
@@ -98,13 +101,21 @@ class ShardReader:
 
     def __init__(self, split_uri: str, cfg: StorageSection, rank: int, world: int, batch_size: int, seed: int,
                  shuffle: bool, shuffle_buffer: int = 4096, prefetch: int = 2, length_bucketing: bool = False,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, tokenizer: Any = None, max_length: int | None = None) -> None:
         self.uri, self.cfg = split_uri, cfg
         self.manifest = manifest or load_manifest(split_uri, cfg)
         self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, seed
         self.shuffle, self.buffer, self.prefetch = shuffle, max(shuffle_buffer, batch_size), prefetch
         self.length_bucketing = length_bucketing and shuffle
-        self.columns = ["sample_id", "input_ids", "length"] + (["label"] if "label" in self.manifest.columns else [])
+        label = ["label"] if "label" in self.manifest.columns else []
+        self.columns = ["sample_id", "input_ids", "length"] + label  # what every row carries
+        self.tokenizer, self.max_length = None, max_length
+        if not self.manifest.tokenized:
+            if tokenizer is None or max_length is None:
+                raise ValueError(f"'{split_uri}' holds raw text: ShardReader needs tokenizer= and max_length=")
+            # Our own copy: the read-ahead thread tokenizes while the caller may use the original.
+            self.tokenizer = copy.deepcopy(tokenizer)
+        self.read_columns = ["sample_id", "text"] + label if self.tokenizer is not None else self.columns
         rows = [s.rows for s in self.manifest.shards]
         if self.manifest.num_rows < world:
             plan_epoch(rows, rank, world, batch_size, seed, 0, shuffle)  # raises the one-line error
@@ -123,14 +134,24 @@ class ShardReader:
             raise UserError(f"shard '{uri}' is truncated or corrupt (content hash differs from the manifest); "
                             f"re-run `ftdist data prepare`")
         try:
-            table = pq.read_table(io.BytesIO(data), columns=self.columns)
+            table = pq.read_table(io.BytesIO(data), columns=self.read_columns)
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             raise UserError(f"shard '{uri}' cannot be read ({str(e).splitlines()[0][:120]}); "
                             f"re-run `ftdist data prepare`") from None
         if table.num_rows != info.rows:
             raise UserError(f"shard '{uri}' has {table.num_rows} rows, the manifest says {info.rows}; "
                             f"re-run `ftdist data prepare`")
-        return table.slice(sl.start, sl.stop - sl.start)
+        table = table.slice(sl.start, sl.stop - sl.start)
+        return self._tokenized(table) if self.tokenizer is not None else table
+
+    def _tokenized(self, table: pa.Table) -> pa.Table:
+        """Raw-text slice -> the columns a prepared shard has (same ids ``prepare`` would have written)."""
+        from ftdist.data.prepare import tokenize
+
+        enc = tokenize(self.tokenizer, table.column("text").to_pylist(), self.max_length)
+        table = table.drop_columns(["text"])
+        table = table.append_column("input_ids", pa.array(enc, pa.list_(pa.int32())))
+        return table.append_column("length", pa.array([len(e) for e in enc], pa.int32()))
 
     def _tables(self, plan: EpochPlan) -> Iterator[pa.Table]:
         """Slices in plan order, read ahead by a background thread."""
