@@ -67,6 +67,26 @@ def test_batches_are_padded_dynamically_and_bucketed(dataset):
     assert max(widths) < 64
 
 
+def _padding_waste(reader: ShardReader) -> float:
+    """Fraction of the padded token grid that is padding, over one epoch."""
+    real = grid = 0
+    for rows in reader.batches(0):
+        lengths = [len(r["input_ids"]) for r in rows]
+        real, grid = real + sum(lengths), grid + max(lengths) * len(rows)
+    return 1 - real / grid
+
+
+def test_length_bucketing_cuts_padding_and_keeps_exactly_once(dataset):
+    """Bucketed batches are cut at batch boundaries inside a sorted chunk: padding falls to a
+    fraction of random batching's, and the rows of the epoch are still each seen once."""
+    plain = _reader(dataset, 0, 1, shuffle_buffer=200, length_bucketing=False)
+    bucketed = _reader(dataset, 0, 1, shuffle_buffer=200, length_bucketing=True)
+    assert _padding_waste(bucketed) < _padding_waste(plain) / 3
+    ids = _ids(bucketed.batches(0))
+    assert sorted(ids) == sorted(_ids(plain.batches(0))) and len(ids) == len(set(ids))
+    assert sorted(len(b) for b in bucketed.batches(0)) == sorted(len(b) for b in plain.batches(0))
+
+
 def _prepare(tmp_path_factory, tiny_bert, name: str, **options) -> str:
     """The reader fixture's raw rows prepared again, with PrepareSection ``options``."""
     from ftdist.config import PrepareSection

@@ -12,8 +12,10 @@ How an epoch is laid out (a pure function of seed, epoch, rank and world size; s
    (sizes differ by at most one), which is how uneven tails are handled.
 4. The rank reads only the shards overlapping its range, one whole shard at a time (so memory is
    bounded by a shard, whatever the data set size), permutes each shard's rows, and streams them
-   through a bounded shuffle buffer; with ``length_bucketing`` the buffer hands out runs of similar
-   length (less padding) in a shuffled order.
+   through a bounded shuffle buffer. With ``length_bucketing`` the shuffled stream is cut into
+   chunks of about a shuffle buffer's worth of whole batches; each chunk is sorted by length, cut
+   at the planned batch sizes and its batches are handed out in a seeded random order, so every
+   batch holds similar lengths (less padding) while the chunk stays a random sample.
 5. A background thread reads ahead ``prefetch_shards`` shards while the current one trains. For a
    raw-text data set that thread also tokenizes each shard (one batch call of the fast tokenizer),
    so on-the-fly tokenization overlaps with compute like I/O does.
@@ -210,34 +212,42 @@ class ShardReader:
         yield from self._drain(buf, rng, keep=0)
 
     def _drain(self, buf: list[dict[str, Any]], rng: np.random.Generator, keep: int) -> Iterator[dict[str, Any]]:
-        """Emit ``len(buf) - keep`` rows: random ones, or with bucketing, length-sorted runs in random order."""
+        """Emit ``len(buf) - keep`` rows, chosen at random when shuffling."""
         n_out = len(buf) - keep
         if n_out <= 0:
             return
-        if not self.shuffle:
-            out, buf[:] = buf[:n_out], buf[n_out:]
-            yield from out
+        if self.shuffle:
+            rng.shuffle(buf)  # in place; deterministic given the rng
+        out, buf[:] = buf[:n_out], buf[n_out:]
+        yield from out
+
+    def _batched(self, rows: Iterator[dict[str, Any]], sizes: list[int],
+                 rng: np.random.Generator) -> Iterator[list[dict[str, Any]]]:
+        """Cut the row stream into batches of ``sizes``. With bucketing, each chunk of whole batches
+        is sorted by length and cut at the batch sizes, then its batches come in random order: the
+        cuts coincide with batch boundaries, so no batch straddles two length runs."""
+        if not self.length_bucketing:
+            for size in sizes:
+                yield [next(rows) for _ in range(size)]
             return
-        rng.shuffle(buf)  # in place; deterministic given the rng
-        out, rest = buf[:n_out], buf[n_out:]
-        buf[:] = rest
-        if self.length_bucketing:
-            out.sort(key=lambda r: r["length"])
-            runs = [out[i:i + self.batch_size] for i in range(0, len(out), self.batch_size)]
-            for j in rng.permutation(len(runs)):
-                yield from runs[j]
-        else:
-            yield from out
+        per_chunk = max(1, self.buffer // self.batch_size)
+        for c in range(0, len(sizes), per_chunk):
+            chunk_sizes = sizes[c:c + per_chunk]
+            chunk = sorted((next(rows) for _ in range(sum(chunk_sizes))), key=lambda r: r["length"])
+            bounds = np.cumsum([0, *chunk_sizes])
+            for j in rng.permutation(len(chunk_sizes)):
+                yield chunk[bounds[j]:bounds[j + 1]]
 
     def batches(self, epoch: int, start_batch: int = 0, max_batches: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """Lists of row dicts for this rank's batches of ``epoch``, starting after ``start_batch`` batches."""
         plan = plan_epoch(self.shard_rows, self.rank, self.world, self.batch_size, self.seed, epoch, self.shuffle)
         sizes = plan.batch_sizes
-        if max_batches is not None:
-            sizes = sizes[:max_batches]
         rows = self._rows(epoch, plan)
-        for k, size in enumerate(sizes):
-            batch = [next(rows) for _ in range(size)]
+        # A separate stream from the shuffle's, so bucketing never changes which rows a rank gets.
+        order_rng = epoch_rng(self.seed, epoch, self.rank + 1, 1)
+        for k, batch in enumerate(self._batched(rows, sizes, order_rng)):
+            if max_batches is not None and k >= max_batches:
+                break
             if k >= start_batch:
                 yield batch
         rows.close()
