@@ -94,15 +94,46 @@ def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] |
     attn = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     try:
         try:
-            model = cls.from_pretrained(local, config=config, **attn, **kw)
+            model = _from_pretrained_quietly(cls, local, config=config, **attn, **kw)
         except ValueError as e:
             if not attn or "attn" not in str(e).lower() and "sdpa" not in str(e).lower():
                 raise
             log.warning("model does not support attn_implementation=%s; using its default", m.attn_implementation)
-            model = cls.from_pretrained(local, config=config, **kw)
+            model = _from_pretrained_quietly(cls, local, config=config, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{m.path}' for task {m.task}: {str(e).splitlines()[0][:160]}") from None
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    return model
+
+
+# Top-level modules that fine-tuning adds on purpose (HF's task heads): starting them from random
+# weights is expected. Anything else missing from the checkpoint means the wrong model was given.
+TASK_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs")
+
+
+def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
+    """``from_pretrained`` without transformers' per-load report and progress bar (which every worker
+    prints, and which flags the new task head as if it were a problem); warns only when weights
+    outside the task head are missing from the checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(local, output_loading_info=True, **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    foreign = [k for k in missing if k.split(".")[0] not in TASK_HEADS]
+    if foreign:
+        log.warning("%d weight(s) are not in the checkpoint at %s and start random (%s%s); is model.path the "
+                    "pre-trained model you meant?", len(foreign), local, ", ".join(foreign[:4]),
+                    ", ..." if len(foreign) > 4 else "")
+    elif missing:
+        log.info("new task head initialised: %s", ", ".join(missing))
     return model

@@ -81,14 +81,17 @@ class ClampToSpace:
 def build_scheduler(rs: ResolvedSweep) -> Any:
     """The Tune scheduler; ``max_t`` defaults to the most epochs a trial runs."""
     from ray.tune.schedulers import (
-        AsyncHyperBandScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining,
+        FIFOScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining,
     )
 
     s = rs.spec.scheduler
     if isinstance(s, AshaSpec):
-        return AsyncHyperBandScheduler(time_attr=TIME_ATTR, max_t=s.max_t or rs.max_epochs,
-                                       grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                                       brackets=s.brackets)
+        from ftdist.config import join_uri
+        from ftdist.sweep_asha import RUNGS_FILE, PersistentASHA
+
+        return PersistentASHA(join_uri(rs.sweep_uri, RUNGS_FILE), rs.base_config.storage,
+                              time_attr=TIME_ATTR, max_t=s.max_t or rs.max_epochs, grace_period=s.grace_period,
+                              reduction_factor=s.reduction_factor, brackets=s.brackets)
     if isinstance(s, HyperbandSpec):
         return HyperBandScheduler(time_attr=TIME_ATTR, max_t=s.max_t or rs.max_epochs,
                                   reduction_factor=s.reduction_factor)

@@ -96,6 +96,39 @@ def test_schedulers_and_searchers_are_built_from_the_spec():
             build_searcher(rs, 2)
 
 
+def test_asha_rung_records_survive_a_restore(tmp_path):
+    """Tune restores the scheduler from the copy it pickled at the start (empty rungs); ftdist's ASHA
+    reloads its saved records, so a resumed trial is still judged against the trials before it."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from ftdist.config import StorageSection
+    from ftdist.sweep_asha import PersistentASHA
+
+    def fresh() -> PersistentASHA:
+        s = PersistentASHA(str(tmp_path / "asha_rungs.json"), StorageSection(), time_attr="epoch", max_t=6,
+                           grace_period=1, reduction_factor=2)
+        s.set_search_properties("val_accuracy", "max")
+        return s
+
+    first = fresh()
+    pickled_at_start = pickle.dumps(first)
+    a, b, c = (SimpleNamespace(trial_id=i) for i in ("a", "b", "c"))
+    for t, acc in ((a, 0.9), (b, 0.8)):
+        first.on_trial_add(None, t)
+        first.on_trial_result(None, t, {"epoch": 1, "val_accuracy": acc})
+    # the driver dies; the restored scheduler is the start-of-sweep copy
+    restored = pickle.loads(pickled_at_start)
+    restored.on_trial_add(None, c)
+    assert restored.on_trial_result(None, c, {"epoch": 1, "val_accuracy": 0.5}) == TrialScheduler.STOP
+    without_records = fresh()
+    (tmp_path / "asha_rungs.json").unlink()
+    without_records.on_trial_add(None, c)
+    assert without_records.on_trial_result(None, c, {"epoch": 1, "val_accuracy": 0.5}) == TrialScheduler.CONTINUE
+
+
 def test_metric_forms_defaults_and_trial_config(tmp_path):
     rs = resolve_sweep(load_sweep_spec(data=spec(metric="accuracy")))
     assert (rs.metric, rs.mode) == ("val_accuracy", "max")
@@ -355,6 +388,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(asha_sweep):
         assert all(" started" in l or "(finished" in l for l in lines), lines
     assert "resuming" in asha_sweep["out"]
     assert all(t["status"] in ("completed", "stopped") for t in s["trials"])
+    # ASHA's rung records survived the kill: trials that finished before it never report again,
+    # so theirs are in the saved rungs only because the scheduler state was persisted and restored.
+    rungs = json.loads((asha_sweep["dir"] / "asha_rungs.json").read_text())
+    recorded = {tid for bracket in rungs["brackets"] for rung in bracket for tid in rung["recorded"]}
+    assert {name.removeprefix("trial_") for name in asha_sweep["before"]} <= recorded
+    assert len(recorded) == s["num_trials"]  # every trial reached the first rung (epoch 2)
     # the same command without --resume refuses to start over
     again = run_cli("tune", asha_sweep["spec"], env=asha_sweep["env"], timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
