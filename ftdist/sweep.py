@@ -45,7 +45,7 @@ from ftdist import storage
 from ftdist.checkpoint import STATE_FILE
 from ftdist.config import RunConfig, join_uri
 from ftdist.errors import UserError
-from ftdist.sweep_spec import ResolvedSweep, dump_spec, trial_config
+from ftdist.sweep_spec import ResolvedSweep, dump_spec, trial_config, warmup_note
 
 SWEEP_FILE = "ftdist_sweep.json"  # fingerprint: resume vs "another spec"
 SPEC_FILE = "sweep.yaml"  # the resolved spec and base config (secrets redacted)
@@ -377,6 +377,9 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
     if spec.scheduler_type == "pbt" and limit < n:
         print(f"[ftdist] note: PBT works best with the whole population running at once; {n} trials, {limit} at a "
               f"time means trials are paused and their Train runs restarted", flush=True)
+    note = warmup_note(rs)
+    if note:
+        print(f"[ftdist] note: {note}", flush=True)
     tuner = make_tuner(rs, limit, resume=state == "resume")
     tuner.fit()
     records = collect_trials(rs)

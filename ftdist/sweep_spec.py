@@ -499,6 +499,27 @@ def _check_scheduler(spec: SweepSpec, max_epochs: float) -> None:
                         f"the trials' epochs ({max_epochs:g}) or PBT never exploits")
 
 
+def warmup_note(rs: ResolvedSweep) -> str | None:
+    """A warning when an early-stopping scheduler's first decision can fall inside warmup.
+
+    Why: with ``warmup_ratio`` w and E epochs, warmup lasts w * E epochs whatever the data size. A
+    trial still warming up at the first rung is compared with trials already at full learning rate
+    and is stopped for its schedule, not its promise (measured: bench/RESULTS.md, ASHA vs FIFO).
+    """
+    grace = getattr(rs.spec.scheduler, "grace_period", None)
+    if grace is None:
+        return None
+    base = RunConfig.model_validate(rs.base)
+    warmup = max_value(rs.spec, "train.warmup_ratio", base.train.warmup_ratio)
+    epochs = max_value(rs.spec, "train.epochs", base.train.epochs)
+    if warmup * epochs <= grace:
+        return None
+    return (f"{rs.spec.scheduler_type}'s first decision comes after {grace} epoch(s), but warmup lasts up to "
+            f"{warmup * epochs:.2g} epochs (train.warmup_ratio up to {warmup:g} of {epochs:g} epochs): trials still "
+            f"warming up will be judged against trials at full learning rate; raise scheduler.grace_period or keep "
+            f"train.warmup_ratio <= {grace / epochs:.3g}")
+
+
 def trial_config(rs: ResolvedSweep, values: dict[str, Any], run_name: str) -> RunConfig:
     """The run config of one trial: the base with the sampled values, the trial's own run folder
     under ``<sweep>/trials/``, and the sweep's metric as the run's eval metric (so each trial's best

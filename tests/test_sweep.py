@@ -96,6 +96,19 @@ def test_schedulers_and_searchers_are_built_from_the_spec():
             build_searcher(rs, 2)
 
 
+def test_warmup_longer_than_the_grace_period_is_flagged():
+    from ftdist.sweep_spec import warmup_note
+
+    def note(warmup_hi: float, grace: int):
+        return warmup_note(resolve_sweep(load_sweep_spec(data=spec(
+            space={"train.warmup_ratio": {"uniform": [0.0, warmup_hi]}},
+            scheduler={"type": "asha", "grace_period": grace}, base={"config": BASE, "set": ["train.epochs=6"]}))))
+
+    flagged = note(0.2, 1)
+    assert flagged and "up to 1.2 epochs" in flagged and "train.warmup_ratio <= 0.167" in flagged
+    assert note(0.1, 1) is None and note(0.2, 2) is None
+
+
 def test_asha_rung_records_survive_a_restore(tmp_path):
     """Tune restores the scheduler from the copy it pickled at the start (empty rungs); ftdist's ASHA
     reloads its saved records, so a resumed trial is still judged against the trials before it."""
