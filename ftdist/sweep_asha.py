@@ -3,9 +3,13 @@
 Why: Ray Tune does not checkpoint scheduler state. ``Tuner.restore`` rebuilds the scheduler from the
 copy pickled when the sweep started, so every score ASHA had recorded at its rungs is gone; trials
 that resume are then compared against nothing (or only each other) and survive rungs they would
-have failed. This subclass writes the rungs to ``<sweep>/asha_rungs.json`` after every decision and
-reads them back the first time a restored sweep adds a trial. Trial ids are stable across a
-restore, so each record finds its trial again.
+have failed. This subclass writes the rungs to ``<sweep>/scheduler/asha_rungs.json`` after every
+decision and reads them back the first time a restored sweep adds a trial. Trial ids are stable
+across a restore, so each record finds its trial again.
+
+Not in the sweep folder itself: on restore Tune copies every top-level ``.json``/``.pkl`` of the
+experiment folder into its staging folder and uploads that folder again at each experiment
+checkpoint, which overwrote a top-level rungs file with the copy taken at restore time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ftdist import storage
 from ftdist.config import StorageSection
 
 log = logging.getLogger(__name__)
-RUNGS_FILE = "asha_rungs.json"
+RUNGS_FILE = "scheduler/asha_rungs.json"
 
 
 class PersistentASHA(AsyncHyperBandScheduler):

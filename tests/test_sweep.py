@@ -121,8 +121,8 @@ def test_asha_rung_records_survive_a_restore(tmp_path):
     from ftdist.sweep_asha import PersistentASHA
 
     def fresh() -> PersistentASHA:
-        s = PersistentASHA(str(tmp_path / "asha_rungs.json"), StorageSection(), time_attr="epoch", max_t=6,
-                           grace_period=1, reduction_factor=2)
+        s = PersistentASHA(str(tmp_path / "scheduler" / "asha_rungs.json"), StorageSection(), time_attr="epoch",
+                           max_t=6, grace_period=1, reduction_factor=2)
         s.set_search_properties("val_accuracy", "max")
         return s
 
@@ -137,7 +137,7 @@ def test_asha_rung_records_survive_a_restore(tmp_path):
     restored.on_trial_add(None, c)
     assert restored.on_trial_result(None, c, {"epoch": 1, "val_accuracy": 0.5}) == TrialScheduler.STOP
     without_records = fresh()
-    (tmp_path / "asha_rungs.json").unlink()
+    (tmp_path / "scheduler" / "asha_rungs.json").unlink()
     without_records.on_trial_add(None, c)
     assert without_records.on_trial_result(None, c, {"epoch": 1, "val_accuracy": 0.5}) == TrialScheduler.CONTINUE
 
@@ -403,7 +403,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(asha_sweep):
     assert all(t["status"] in ("completed", "stopped") for t in s["trials"])
     # ASHA's rung records survived the kill: trials that finished before it never report again,
     # so theirs are in the saved rungs only because the scheduler state was persisted and restored.
-    rungs = json.loads((asha_sweep["dir"] / "asha_rungs.json").read_text())
+    rungs = json.loads((asha_sweep["dir"] / "scheduler" / "asha_rungs.json").read_text())
     recorded = {tid for bracket in rungs["brackets"] for rung in bracket for tid in rung["recorded"]}
     assert {name.removeprefix("trial_") for name in asha_sweep["before"]} <= recorded
     assert len(recorded) == s["num_trials"]  # every trial reached the first rung (epoch 2)
