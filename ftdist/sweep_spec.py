@@ -509,7 +509,7 @@ def warmup_note(rs: ResolvedSweep) -> str | None:
     grace = getattr(rs.spec.scheduler, "grace_period", None)
     if grace is None:
         return None
-    base = RunConfig.model_validate(rs.base)
+    base = rs.base_config
     warmup = max_value(rs.spec, "train.warmup_ratio", base.train.warmup_ratio)
     epochs = max_value(rs.spec, "train.epochs", base.train.epochs)
     if warmup * epochs <= grace:

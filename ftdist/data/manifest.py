@@ -89,8 +89,9 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
         raise UserError(f"'{uri}' has manifest version {d.get('version')!r}; this ftdist reads version {VERSION}; "
                         f"re-run `ftdist data prepare` with this version")
     try:
+        max_length = None if d["max_length"] is None else int(d["max_length"])  # None: raw text
         m = Manifest(split=d["split"], task=d["task"], num_rows=int(d["num_rows"]),
-                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=None if d["max_length"] is None else int(d["max_length"]),
+                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=max_length,
                      tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
                      columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
     except (KeyError, TypeError, ValueError) as e:

@@ -272,8 +272,8 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                                 f"larger train fraction in --split")
             m = Manifest(
                 split=w.name, task=task, num_rows=n, shards=w.shards,
-                max_length=max_length if tok is not None else None,
-                tokenizer=tokenizer_fingerprint(tok) if tok is not None else None,
+                max_length=max_length if spec.tokenize else None,
+                tokenizer=tokenizer_fingerprint(tok) if spec.tokenize else None,
                 label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
                 columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None),
