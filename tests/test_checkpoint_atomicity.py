@@ -64,6 +64,8 @@ def test_kill_during_checkpoint_writes_resumes_from_a_complete_one(tiny_bert, cl
     kill_processes_mentioning(ray_tmp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     batch = int(latest.split("-batch")[1].split("-")[0])
-    assert f"resumed from checkpoint at epoch 1, batch {batch} " in second.stdout + second.stderr
+    out = second.stdout + second.stderr
+    said = [l for l in out.splitlines() if "resumed from checkpoint" in l]
+    assert f"resumed from checkpoint at epoch 1, batch {batch} " in out, (latest, registered, said)
     summary = json.loads((run / "summary.json").read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]

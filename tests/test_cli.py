@@ -18,15 +18,24 @@ from conftest import base_config, run_cli
 
 
 def kill_processes_mentioning(text: str) -> None:
-    """SIGKILL processes whose command line mentions ``text`` (only ours: a unique temp dir)."""
+    """SIGKILL processes whose command line or environment mentions ``text`` (only ours: a unique
+    temp dir), and wait until they are gone. Ray actors rename themselves (``ray::TrainController``),
+    so their command line no longer shows the temp dir, but they inherit ``RAY_TMPDIR``; an actor
+    that outlived the kill could still register a checkpoint behind the test's back."""
     import psutil
 
+    victims = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(text in part for part in p.info["cmdline"] or []):
+            mentions = any(text in part for part in p.info["cmdline"] or [])
+            if not mentions and p.pid != os.getpid():
+                mentions = any(text in v for v in p.environ().values())
+            if mentions:
                 p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
+    psutil.wait_procs(victims, timeout=30)
 
 
 def _write(tmp_path: Path, cfg: dict, name: str = "job.yaml") -> str:
