@@ -94,11 +94,31 @@ class RaySession:
         return ray.get_runtime_context().get_node_id()
 
 
+def quiet_ray_train_logs() -> None:
+    """Silence Ray Train's per-report INFO lines in this process.
+
+    Each worker otherwise logs "Reporting training result N: TrainingReport(... the whole metrics
+    dict ...)" and "Checkpoint successfully created at ..." every epoch, which drowns ftdist's own
+    one-line epoch summaries (they say the same thing). Warnings and errors still pass. Ray names
+    one of these loggers after the module's file path, so it is looked up the same way.
+    """
+    names = ["ray.train.v2._internal.execution.storage", "ray.train._internal.storage"]
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        names.append(train_context.__file__)
+    except ImportError:  # another Ray layout: keep its logs rather than fail the run
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def worker_entry(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer."""
     from ftdist.loop import train_worker
 
     logging.basicConfig(level=logging.WARNING)
+    quiet_ray_train_logs()
     cfg = RunConfig.model_validate(config["config"])
     train_worker(cfg, RaySession(cfg, config.get("restore_from")))
 

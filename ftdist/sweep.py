@@ -115,6 +115,9 @@ class ForwardReports(UserCallback):
 
 def run_trial(config: dict[str, Any], rs: ResolvedSweep) -> None:
     """The Tune function trainable: one trial = one (or, after PBT exploits, several) Train runs."""
+    from ftdist.launcher import quiet_ray_train_logs
+
+    quiet_ray_train_logs()
     trial = tune.get_context().get_trial_name()
     values = {k: config[k] for k in rs.spec.space}
     pointer = read_pointer(tune.get_checkpoint())

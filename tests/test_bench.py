@@ -45,3 +45,31 @@ def test_tiny_cpu_run_has_every_contender_and_never_imports_ray(tmp_path):
         assert by["hf"]["status"] == "skipped" and "accelerate" in by["hf"]["reason"]
         pytest.skip("accelerate is not installed: the HF Trainer contender was skipped (pip install -e '.[test]')")
     assert by["hf"]["status"] == "ok" and by["hf"]["samples_per_s"] > 0 and by["ftdist"]["vs_hf"]["paired_median"] > 0
+
+
+def _sweep_summary(scheduler: str, lrs: list[float], epochs: list[int], best: list[float]) -> dict:
+    trials = [{"trial": f"trial_{scheduler}_{i:05d}", "config": {"train.learning_rate": lr}, "epochs_run": e,
+               "status": "completed" if e == 6 else "stopped", "best_metric": b, "test": {"accuracy": b}}
+              for i, (lr, e, b) in enumerate(zip(lrs, epochs, best))]
+    top = max(trials, key=lambda t: t["best_metric"])
+    return {"scheduler": {"type": scheduler}, "sweep_dir": "/x", "metric": "val_accuracy", "num_trials": len(trials),
+            "concurrency": 2, "trials": trials[::-1], "epochs_trained": sum(epochs), "full_budget_epochs": 6 * len(epochs),
+            "best": {"trial": top["trial"], "best_metric": top["best_metric"], "config": top["config"], "test": top["test"]},
+            "wall_time_s": 10.0}
+
+
+def test_asha_vs_fifo_compares_only_sweeps_that_drew_the_same_trials():
+    from bench.sweep_asha_vs_fifo import check_same_trials, compare, result_of, table
+    from ftdist.errors import UserError
+
+    asha = result_of(_sweep_summary("asha", [1e-4, 3e-5, 2e-5], [6, 1, 1], [0.70, 0.50, 0.40]), "a")
+    fifo = result_of(_sweep_summary("fifo", [1e-4, 3e-5, 2e-5], [6, 6, 6], [0.705, 0.60, 0.55]), "f")
+    assert [t["config"] for t in asha["per_trial"]] == [{"train.learning_rate": v} for v in (1e-4, 3e-5, 2e-5)]
+    check_same_trials(asha, fifo)  # same draws, listed in any order
+    cmp = compare(asha, fifo)
+    assert cmp["epochs_ratio"] == pytest.approx(8 / 18) and cmp["best_val_gap"] == pytest.approx(0.005)
+    assert not cmp["goal"]["met"]  # 44% of the epochs is over the 40% goal
+    assert "NOT met" in table(asha, fifo, cmp)
+    other = result_of(_sweep_summary("fifo", [1e-4, 3e-5, 9e-5], [6, 6, 6], [0.7, 0.6, 0.5]), "g")
+    with pytest.raises(UserError, match="different trials .first difference at trial 2"):
+        check_same_trials(asha, other)

@@ -469,6 +469,7 @@ def test_pbt_exploits_a_better_trials_checkpoint(tmp_path, tiny_bert, cls_data):
     d = tmp_path / "sweeps" / "pbt"
     s = json.loads((d / "sweep_summary.json").read_text())
     assert s["pbt_exploits"] >= 1 and "PBT exploits:" in p.stdout
+    assert "Reporting training result" not in p.stdout + p.stderr  # trials log ftdist's epoch lines only
     assert all(t["status"] == "completed" for t in s["trials"])
     names = {t["trial"] for t in s["trials"]}
 
