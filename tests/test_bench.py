@@ -73,3 +73,31 @@ def test_asha_vs_fifo_compares_only_sweeps_that_drew_the_same_trials():
     other = result_of(_sweep_summary("fifo", [1e-4, 3e-5, 9e-5], [6, 6, 6], [0.7, 0.6, 0.5]), "g")
     with pytest.raises(UserError, match="different trials .first difference at trial 2"):
         check_same_trials(asha, other)
+
+
+def test_asha_replay_runs_rays_rung_rule_over_fifo_curves(tmp_path):
+    """A late bloomer (worst after epoch 1, best at the end) is stopped when drawn after a trial that
+    sets the first rung's bar, and kept when drawn first: replayed through Ray's own scheduler."""
+    from bench.asha_replay import Curve, replay
+
+    a = Curve("t_00000", {"train.batch_size": 32}, [0.5, 0.6, 0.7, 0.8])
+    late = Curve("t_00001", {"train.batch_size": 32}, [0.4, 0.5, 0.6, 0.9])
+    c = Curve("t_00002", {"train.batch_size": 32}, [0.6, 0.7, 0.8, 0.85])
+    assert replay([a, late, c], reduction_factor=2, grace_period=1, concurrency=1) == (9, 0.85)
+    assert replay([late, a, c], reduction_factor=2, grace_period=1, concurrency=1) == (12, 0.9)
+
+    sweep = tmp_path / "fifo"
+    sweep.mkdir()
+    trials = [{"trial": t.trial, "config": t.config, "curve": [[e + 1, v] for e, v in enumerate(t.values)]}
+              for t in (a, late, c)]
+    summary = {"scheduler": {"type": "fifo"}, "metric": "val_accuracy", "mode": "max", "trials": trials}
+    (sweep / "sweep_summary.json").write_text(json.dumps(summary))
+    p = subprocess.run([sys.executable, "-m", "bench.asha_replay", str(sweep), "--rf", "2", "--concurrency", "1",
+                        "--orders", "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "best val_accuracy 0.9000" in p.stdout and "rf 2, grace 1: draw order 9/12 epochs (75%), gap 5.00 pt" in p.stdout
+    summary["scheduler"]["type"] = "asha"
+    (sweep / "sweep_summary.json").write_text(json.dumps(summary))
+    p = subprocess.run([sys.executable, "-m", "bench.asha_replay", str(sweep)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "needs a fifo one" in p.stderr and "Traceback" not in p.stderr
