@@ -52,8 +52,10 @@ def load_curves(sweep_dir: str) -> tuple[list[Curve], str, str]:
     if s["scheduler"]["type"] != "fifo":
         raise ValueError(f"{sweep_dir} is a {s['scheduler']['type']} sweep; replay needs a fifo one "
                          f"(every trial trained to its last epoch)")
-    trials = sorted(s["trials"], key=lambda t: t["trial"].rsplit("_", 1)[-1])
-    return [Curve(t["trial"], t["config"], [v for _, v in t["curve"]]) for t in trials], s["metric"], s["mode"]
+    from bench.sweep_asha_vs_fifo import in_draw_order
+
+    curves = [Curve(t["trial"], t["config"], [v for _, v in t["curve"]]) for t in in_draw_order(s["trials"])]
+    return curves, s["metric"], s["mode"]
 
 
 def replay(curves: list[Curve], reduction_factor: float, grace_period: int, concurrency: int,

@@ -47,10 +47,10 @@ def load_finished(spec_path: str, overrides: list[str], name: str) -> dict[str, 
     from ftdist.errors import UserError
 
     rs = _resolve(spec_path, overrides, "fifo", name)
-    path = join_uri(rs.sweep_uri, "sweep_summary.json")
-    if not storage.exists(path, rs.base_config.storage):
+    path, store = join_uri(rs.sweep_uri, "sweep_summary.json"), rs.base_config.storage
+    if not storage.exists(path, store):
         raise UserError(f"--fifo-from: no finished sweep at {path}; run the benchmark without --fifo-from first")
-    summary = json.loads(storage.read_text(path, rs.base_config.storage))
+    summary = json.loads(storage.read_text(path, store))
     if summary["scheduler"]["type"] != "fifo" or summary.get("status") != "completed":
         raise UserError(f"--fifo-from: {path} is a {summary['scheduler']['type']} sweep with status "
                         f"{summary.get('status')!r}; it must be a completed fifo sweep")
@@ -64,10 +64,16 @@ def _resolve(spec_path: str, overrides: list[str], scheduler: str, name: str) ->
     return resolve_sweep(load_sweep_spec(spec_path, overrides + extra))
 
 
+def in_draw_order(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A summary's trials sorted by Tune's trial index (``<experiment>_<index>``): the search's draw
+    order, which is what two sweeps of the same space and seed have in common."""
+    return sorted(trials, key=lambda t: t["trial"].rsplit("_", 1)[-1])
+
+
 def result_of(summary: dict[str, Any], name: str) -> dict[str, Any]:
     """The benchmark's view of one finished sweep (from its ``sweep_summary.json``)."""
     best = summary.get("best") or {}
-    trials = sorted(summary["trials"], key=lambda t: t["trial"].rsplit("_", 1)[-1])  # by trial index
+    trials = in_draw_order(summary["trials"])
     return {
         "sweep": name, "scheduler": summary["scheduler"], "sweep_dir": summary["sweep_dir"],
         "metric": summary["metric"], "trials": summary["num_trials"], "concurrency": summary["concurrency"],
