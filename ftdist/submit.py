@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ftdist.config import _SECRET_KEY, literal_secrets, load_raw, validate
+from ftdist.config import is_secret_name, literal_secrets, load_raw, validate
 from ftdist.errors import UserError
 
 JOB_CONFIG = "ftdist-job.yaml"
@@ -29,13 +29,15 @@ TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 
 
 def job_env(extra: list[str]) -> dict[str, str]:
-    """Non-secret environment for the job; refuses secret-looking names."""
+    """Non-secret environment for the job; refuses secret-looking names (``DB_PASS``, ``MY_APIKEY``,
+    ``X_CONNECTION_STRING``, ``*_TOKEN``, ...) because job metadata is readable by anyone who can
+    reach the cluster's dashboard."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise UserError(f"--env '{item}' must look like NAME=value")
-        if _SECRET_KEY.search(key):
+        if is_secret_name(key):
             raise UserError(f"--env {key} looks like a secret; secrets never go into job metadata: give the "
                             f"cluster the credential (instance role, IRSA, Kubernetes Secret) instead")
         env[key] = value

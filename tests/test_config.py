@@ -1,5 +1,7 @@
 """Schema validation, overrides, did-you-mean hints, redaction, fingerprints (no Ray needed)."""
 
+from pathlib import Path
+
 import pytest
 
 from ftdist.config import dump_config, load_config, redact, resolve_env_refs
@@ -71,3 +73,95 @@ def test_fingerprint_ignores_scaling_and_storage():
     b = load_config(data=BASE, overrides=["scaling.num_workers=8", "storage.retries=1"])
     c = load_config(data=BASE, overrides=["train.learning_rate=1e-3"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+# --- secret names are whole words, not substrings (issue 11 item 1) ---------------------------
+
+@pytest.mark.parametrize("name", ["tokenize", "tokenizer", "max_tokens", "keep_text", "session_name", "author",
+                                  "key_field", "monkey", "passthrough", "TOKENIZERS_PARALLELISM", "tokenized",
+                                  "num_tokens", "text_field"])
+def test_innocent_names_are_not_secret(name):
+    from ftdist.config import is_secret_name
+
+    assert not is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["token", "aws_secret_access_key", "api_key", "password", "session_token",
+                                  "sas_token", "apiKey", "secret", "passwd", "credentials", "access_key", "key",
+                                  "auth", "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "sig",
+                                  "HF_TOKEN", "client.secret", "accessToken", "private_key", "DB_PASS", "MY_APIKEY",
+                                  "X_CONNECTION_STRING", "PGPASSWORD", "AZURE_CREDENTIAL", "AWS_ACCESS_KEY_ID"])
+def test_secret_names_are_secret(name):
+    from ftdist.config import is_secret_name
+
+    assert is_secret_name(name)
+
+
+def test_tokenize_is_not_redacted():
+    cfg = load_config(data={**BASE, "model": {"path": "m", "tokenizer": "tok-dir"},
+                            "data": {"path": "d", "prepare": {"input": "x.csv", "tokenize": False}}})
+    text = dump_config(cfg)
+    assert "tokenize: false" in text and "***" not in text
+
+
+SHIPPED = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "cluster" / "jobs").glob("*.yaml"))
+SWEEPS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "tune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_saved_config_of_every_shipped_job_loads_back_to_the_same_fingerprint(path, tmp_path):
+    cfg = load_config(path)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    again = load_config(saved)
+    assert again.fingerprint() == cfg.fingerprint()
+    assert again.model_dump() == cfg.model_dump()
+
+
+@pytest.mark.parametrize("path", SWEEPS)
+def test_saved_sweep_base_of_every_shipped_spec_loads_back_to_the_same_fingerprint(path, tmp_path, monkeypatch):
+    import yaml
+
+    from ftdist.sweep_spec import dump_spec, load_sweep_spec, resolve_sweep
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # base.path is relative to the repo root
+    rs = resolve_sweep(load_sweep_spec(path))
+    saved = yaml.safe_load(dump_spec(rs))["base_config"]
+    again = load_config(data=saved)
+    assert again.fingerprint() == rs.base_config.fingerprint()
+
+
+# --- credentials in URL query strings (issue 11 item 12) -------------------------------------
+
+SAS = "https://acct.blob.core.windows.net/c/x.jsonl?sv=2022-11-02&se=2030-01-01&sp=r&sig=SASFAKESIG%2Babc%3D"
+PRESIGNED = ("https://bucket.s3.amazonaws.com/k/raw.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             "&X-Amz-Credential=AKIAFAKEPRESIGN%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
+             "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+             "&X-Amz-Security-Token=FAKESESSIONTOKEN123&X-Amz-Signature=deadbeefFAKESIGNATURE")
+
+
+@pytest.mark.parametrize("url, secrets, kept", [
+    (SAS, ["SASFAKESIG"], ["sv=2022-11-02", "sp=r", "acct.blob.core.windows.net/c/x.jsonl"]),
+    (PRESIGNED, ["AKIAFAKEPRESIGN", "FAKESESSIONTOKEN123", "deadbeefFAKESIGNATURE"],
+     ["X-Amz-Expires=3600", "bucket.s3.amazonaws.com/k/raw.csv"]),
+    ("https://h/x?token=abc123tok&page=2", ["abc123tok"], ["page=2"]),
+    ("https://h/x?api_key=k3yv4lue#frag", ["k3yv4lue"], ["#frag"]),
+    ("s3://user:pw-in-url@host/bucket", ["pw-in-url"], ["host/bucket"]),
+])
+def test_url_query_credentials_are_redacted(url, secrets, kept):
+    from ftdist.config import redact_uri
+
+    for text in (url, f"reading '{url}' failed: 403"):
+        out = redact_uri(text)
+        assert not [s for s in secrets if s in out], out
+        assert all(k in out for k in kept), out
+
+
+def test_presigned_url_in_config_never_reaches_the_saved_config():
+    cfg = load_config(data={**BASE, "data": {"path": "d", "prepare": {"input": PRESIGNED}}},
+                      overrides=[f"model.path={SAS}"])
+    text = dump_config(cfg)
+    assert "deadbeefFAKESIGNATURE" not in text and "SASFAKESIG" not in text and "FAKESESSIONTOKEN123" not in text
+    from ftdist.config import literal_secrets
+
+    assert set(literal_secrets(cfg)) == {"model.path", "data.prepare.input"}
