@@ -181,3 +181,32 @@ def test_broken_data_sets_give_one_line_errors(dataset, tmp_path, damage, fragme
         list(r.batches(0))
     assert fragment in str(e.value) and "\n" not in str(e.value)
     assert str(split) in str(e.value)
+
+
+def _prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("ftdist-prefetch") and t.is_alive()]
+
+
+@pytest.mark.parametrize("how", ["max_batches", "consumer_breaks"])
+def test_prefetch_thread_stops_when_the_consumer_stops_early(dataset, how):
+    """``max_steps_per_epoch`` (or a consumer that breaks out) stops reading mid-epoch: the read-ahead
+    thread must exit instead of blocking forever on a full queue, holding its tables."""
+    import time
+
+    before = len(_prefetch_threads())
+    # Rank 0 of 14 reads 2-3 shards of 37 rows; a 1-slot queue is full as soon as the first is taken.
+    reader = _reader(dataset, 0, 14, prefetch=1, shuffle_buffer=8)
+    for epoch in range(3):
+        taken = 0
+        for _ in reader.batches(epoch, max_batches=2 if how == "max_batches" else None):
+            taken += 1
+            time.sleep(0.3)  # a training step: the read-ahead thread fills the queue meanwhile
+            if how == "consumer_breaks":
+                break
+        assert taken == (2 if how == "max_batches" else 1)
+    deadline = time.monotonic() + 5
+    while len(_prefetch_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_prefetch_threads()) == before, f"{len(_prefetch_threads()) - before} read-ahead thread(s) leaked"

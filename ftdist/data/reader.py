@@ -164,21 +164,25 @@ class ShardReader:
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def put(item: Any) -> bool:
+            """Hand ``item`` over unless the consumer has stopped: a plain ``put`` on a full queue
+            would block this thread (and the tables it holds) forever once nobody reads."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work() -> None:
             try:
                 for sl in plan.slices:
-                    t = self._read_slice(sl)
-                    while not stop.is_set():
-                        try:
-                            q.put(t, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if stop.is_set() or not put(self._read_slice(sl)):
                         return
-                q.put(None)
+                put(None)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-                q.put(e)
+                put(e)
 
         th = threading.Thread(target=work, name=f"ftdist-prefetch-r{self.rank}", daemon=True)
         th.start()
@@ -192,11 +196,22 @@ class ShardReader:
                 yield item
         finally:
             stop.set()
+            th.join(timeout=30)  # at most one slice read in flight; never leave a reader behind
 
     def _rows(self, epoch: int, plan: EpochPlan) -> Iterator[dict[str, Any]]:
         rng = epoch_rng(self.seed, epoch, self.rank + 1)
         buf: list[dict[str, Any]] = []
-        for table in self._tables(plan):
+        tables = self._tables(plan)
+        try:
+            yield from self._rows_of(tables, rng, buf)
+        finally:
+            tables.close()  # explicit: do not rely on garbage collection to stop the read-ahead
+        yield from self._drain(buf, rng, keep=0)
+
+    def _rows_of(self, tables: Iterator[pa.Table], rng: np.random.Generator,
+                 buf: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Rows of each table in a seeded order, through the bounded shuffle buffer ``buf``."""
+        for table in tables:
             # Token ids stay in Arrow's int32 buffer (rows are numpy views into it): a Python list
             # per row would cost ~10x the memory of the shard itself.
             ids = table.column("input_ids").combine_chunks()
@@ -209,7 +224,6 @@ class ShardReader:
                 buf.append(row)
                 if len(buf) >= self.buffer:
                     yield from self._drain(buf, rng, keep=self.buffer // 2)
-        yield from self._drain(buf, rng, keep=0)
 
     def _drain(self, buf: list[dict[str, Any]], rng: np.random.Generator, keep: int) -> Iterator[dict[str, Any]]:
         """Emit ``len(buf) - keep`` rows, chosen at random when shuffling."""
@@ -245,9 +259,11 @@ class ShardReader:
         rows = self._rows(epoch, plan)
         # A separate stream from the shuffle's, so bucketing never changes which rows a rank gets.
         order_rng = epoch_rng(self.seed, epoch, self.rank + 1, 1)
-        for k, batch in enumerate(self._batched(rows, sizes, order_rng)):
-            if max_batches is not None and k >= max_batches:
-                break
-            if k >= start_batch:
-                yield batch
-        rows.close()
+        try:
+            for k, batch in enumerate(self._batched(rows, sizes, order_rng)):
+                if max_batches is not None and k >= max_batches:
+                    break
+                if k >= start_batch:
+                    yield batch
+        finally:  # also when the consumer stops iterating early: stops the read-ahead thread now
+            rows.close()
