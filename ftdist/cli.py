@@ -117,6 +117,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from ftdist.config import PrepareSection, StorageSection
     from ftdist.data.prepare import prepare
 
@@ -124,13 +126,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         split = [float(x) for x in args.split.split(",")]
     except ValueError:
         raise UserError(f"--split {args.split!r} must be three numbers like 0.8,0.1,0.1") from None
-    if args.rows_per_shard < 1 or args.max_length < 8:
-        raise UserError("--rows-per-shard must be >= 1 and --max-length >= 8")
-    spec = PrepareSection(input=args.input, format=args.format, text_field=args.text_field,
-                          label_field=args.label_field if args.task == "sequence-classification" else None,
-                          split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding, limit=args.limit,
-                          tokenize=not args.raw_text, keep_text=args.keep_text)
-    cfg = StorageSection(endpoint_url=args.endpoint_url)
+    _check_prepare_numbers(args)
+    try:
+        spec = PrepareSection(input=args.input, format=args.format, text_field=args.text_field,
+                              label_field=args.label_field if args.task == "sequence-classification" else None,
+                              split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding,
+                              limit=args.limit, tokenize=not args.raw_text, keep_text=args.keep_text)
+        cfg = StorageSection(endpoint_url=args.endpoint_url)
+    except ValidationError as e:  # a check above is missing: still one line naming the flag
+        err = e.errors()[0]
+        flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+        raise UserError(f"{flag} {err.get('input')!r}: {err['msg']}") from None
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     manifests = prepare(spec, args.output, args.model, args.max_length, args.task, cfg, seed=args.seed,
                         label_names=names, overwrite=args.overwrite)
@@ -138,6 +144,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     labels = manifests["train"].label_names
     print(json.dumps({"output": args.output, "splits": out, **({"label_names": labels} if labels else {})}))
     return 0
+
+
+def _check_prepare_numbers(args: argparse.Namespace) -> None:
+    """Integer flags of `data prepare` with a lower bound, each refused by name (argparse only checks
+    that they are integers; a bad value would otherwise surface as a traceback deep in prepare)."""
+    for flag, value, low, why in (("--rows-per-shard", args.rows_per_shard, 1, "rows per shard file"),
+                                  ("--max-length", args.max_length, 8, "tokens per row"),
+                                  ("--limit", args.limit, 1, "rows to keep; leave it out to keep all rows"),
+                                  ("--seed", args.seed, 0, "the random seed")):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value} must be >= {low} ({why})")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -24,6 +25,9 @@ def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
         dest = os.path.join(CACHE_DIR, "models", key)
         done = os.path.join(dest, ".ftdist-complete")
         if not os.path.exists(done):
+            if not storage.listdir(path, cfg):  # before anything is written to the cache
+                raise UserError(f"model '{redact_uri(path)}' does not exist (nothing under that prefix); "
+                                f"check model.path (and storage.endpoint_url)")
             tmp = f"{dest}.partial-{os.getpid()}"
             storage.download_dir(path, tmp, cfg)
             if not os.path.exists(os.path.join(tmp, "config.json")) and not os.path.exists(
@@ -91,21 +95,39 @@ def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] |
         cls = AutoModelForSequenceClassification
     else:
         cls = AutoModelForCausalLM
-    attn = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     try:
-        try:
-            model = _from_pretrained_quietly(cls, local, config=config, **attn, **kw)
-        except ValueError as e:
-            if not attn or "attn" not in str(e).lower() and "sdpa" not in str(e).lower():
-                raise
-            log.warning("model does not support attn_implementation=%s; using its default", m.attn_implementation)
-            model = _from_pretrained_quietly(cls, local, config=config, **kw)
+        model = _load_with_attention(cls, local, config, m.attn_implementation, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{m.path}' for task {m.task}: {str(e).splitlines()[0][:160]}") from None
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model
+
+
+def _load_with_attention(cls: Any, local: str, config: Any, requested: str | None, **kw: Any) -> Any:
+    """Load with ``model.attn_implementation``, falling back as the README promises, with one warning
+    line: flash_attention_2 -> sdpa when the flash-attn package (or a GPU it supports) is missing,
+    and sdpa -> the model's default when the architecture has no SDPA path. Why not refuse: the same
+    config then runs on a laptop and on a GPU cluster, only slower where flash-attn is absent."""
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        log.warning("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                    "installed; using sdpa (pip install flash-attn on GPU nodes to use it)")
+        requested = "sdpa"
+    candidates = [requested] + (["sdpa"] if requested == "flash_attention_2" else []) + ([None] if requested else [])
+    for i, attn in enumerate(candidates):
+        extra = {"attn_implementation": attn} if attn else {}
+        try:
+            return _from_pretrained_quietly(cls, local, config=config, **extra, **kw)
+        except (ImportError, ValueError) as e:
+            text = str(e).lower()
+            if i + 1 == len(candidates) or not any(w in text for w in ("attn", "attention", "sdpa", "flash")):
+                if isinstance(e, ImportError):
+                    raise ValueError(str(e)) from None  # a missing package: one line via the caller
+                raise
+            log.warning("model does not support attn_implementation=%s (%s); using %s", attn,
+                        str(e).splitlines()[0][:120], candidates[i + 1] or "its default")
+    raise AssertionError("unreachable: the last candidate returns or raises")
 
 
 # Top-level modules that fine-tuning adds on purpose (HF's task heads): starting them from random

@@ -20,9 +20,12 @@ from ftdist.cli import main
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data):
-    """A workspace with a healthy data set, an existing run folder and an existing export."""
+def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data, s3_server):
+    """A workspace with a healthy data set, an existing run folder and an existing export, and an
+    empty bucket on a reachable S3 server (for URIs that name nothing)."""
     root = tmp_path_factory.mktemp("bad-input")
+    bucket = "bad-input-empty"
+    s3_server.fs().mkdir(bucket)
     ds = root / "ds"
     shutil.copytree(cls_data, ds)
     run = root / "runs" / "existing"
@@ -32,9 +35,10 @@ def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data):
     raw = write_jsonl(root / "raw.jsonl", synthetic_rows(50))
     (root / "raw.csv").write_text("body,label\nhello,1\n")
     (root / "int-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
+    (root / "fraction-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n')
     gpt_ds = prepare_local(raw, root / "gpt-tok-ds", tiny_gpt, label_names=["negative", "neutral", "positive"])
     return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
-            "gpt_ds": gpt_ds}
+            "gpt_ds": gpt_ds, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
 
 
 def _cfg(w, **sections) -> dict:
@@ -87,6 +91,12 @@ CASES = {
     "cli-set-unknown-key": (lambda w: ["train", _write(w, _cfg(w)), "--set", "train.epocs=2"], "did you mean 'train.epochs'"),
     "cli-bad-split": (lambda w: prep(w, "--split", "0.5,0.5"), "must be three fractions"),
     "cli-split-not-numbers": (lambda w: prep(w, "--split", "a,b,c"), "must be three numbers"),
+    "cli-split-nan": (lambda w: prep(w, "--split", "nan,nan,nan"), "must be three fractions"),
+    "cli-limit-zero": (lambda w: prep(w, "--limit", "0"), "--limit 0 must be"),
+    "cli-limit-negative": (lambda w: prep(w, "--limit", "-3"), "--limit -3 must be"),
+    "cli-seed-negative": (lambda w: prep(w, "--seed", "-1"), "--seed -1 must be"),
+    "cli-unknown-encoding": (lambda w: prep(w, "--encoding", "nope"), "encoding 'nope' is unknown"),
+    "cli-binary-codec-as-encoding": (lambda w: prep(w, "--encoding", "base64"), "encoding 'base64' is not a text"),
     # --- config
     "config-missing-file": (lambda w: ["train", str(w["root"] / "nope.yaml")], "not found"),
     "config-is-directory": (lambda w: ["train", str(w["root"])], "is a directory"),
@@ -122,6 +132,9 @@ CASES = {
     "prepare-label-out-of-range": (lambda w: ["data", "prepare", "--input", str(w["root"] / "int-labels.jsonl"),
                                               "--output", str(w["root"] / "z"), "--model", w["bert"],
                                               "--label-names", "a,b"], "has label 5"),
+    "prepare-fraction-label": (lambda w: ["data", "prepare", "--input", str(w["root"] / "fraction-labels.jsonl"),
+                                          "--output", str(w["root"] / "z"), "--model", w["bert"]],
+                               "label 1.5 is not a whole number"),
     "prepare-no-tokenizer": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / "t")],
                              "pass --model (or --raw-text"),
     "prepare-output-exists": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", w["ds"], "--model", w["bert"]],
@@ -130,9 +143,10 @@ CASES = {
     "storage-unreachable-endpoint": (lambda w: train(w, data={"path": "s3://bucket/ds"},
                                                      storage={"endpoint_url": "http://127.0.0.1:9", "retries": 0}),
                                      "storage unreachable"),
-    "storage-model-uri-missing": (lambda w: train(w, model={"path": "s3://no-such-bucket/model"},
-                                                  storage={"endpoint_url": "http://127.0.0.1:9", "retries": 0}),
-                                  "storage unreachable"),
+    # A reachable S3 server, an existing bucket, no object under the prefix (not an outage).
+    "storage-model-uri-missing": (lambda w: train(w, model={"path": f"{w['bucket']}/no-model"},
+                                                  storage={"endpoint_url": w["s3"], "retries": 0}),
+                                  "model 's3://bad-input-empty/no-model' does not exist"),
     # --- runs
     "run-folder-other-config": (lambda w: train(w, run={"name": "existing"}), "was made by a different config"),
 }
@@ -154,6 +168,44 @@ def _tree_digest(root: Path) -> str:
 
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("labels, names, ids", [
+    ([1.0, 0.0, 2.0, 1.0], ["0", "1", "2"], [1, 0, 2, 1]),  # integral floats are their integer class
+    ([True, False, True, False], ["false", "true"], [1, 0, 1, 0]),  # booleans are the classes "false"/"true"
+])
+def test_float_and_boolean_labels_prepare_consistently(labels, names, ids, tiny_bert, tmp_path):
+    """JSON gives floats and booleans their own types; README (Data sets) says what they become."""
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"text": f"row {i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    out = tmp_path / "ds"
+    assert main(["data", "prepare", "--input", str(raw), "--output", str(out), "--model", tiny_bert,
+                 "--split", "1,0,0"]) == 0
+    man = json.loads((out / "train" / "manifest.json").read_text())
+    assert man["label_names"] == names
+    table = pq.read_table([out / "train" / s["file"] for s in man["shards"]][0])
+    got = dict(zip(table.column("sample_id").to_pylist(), table.column("label").to_pylist()))
+    assert got == dict(enumerate(ids))
+
+
+def test_flash_attention_2_without_flash_attn_falls_back_to_sdpa(tiny_bert, caplog):
+    """README: attn_implementation flash_attention_2 falls back when unsupported (here: no flash-attn)."""
+    import importlib.util
+    import logging
+
+    from ftdist.config import ModelSection
+    from ftdist.modeling import load_model
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with caplog.at_level(logging.WARNING, logger="ftdist.modeling"):
+        model = load_model(ModelSection(path=tiny_bert, attn_implementation="flash_attention_2"), 3, None, 0)
+    assert model.config._attn_implementation == "sdpa"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "flash_attention_2" in warnings[0] and "sdpa" in warnings[0], warnings
+    assert "\n" not in warnings[0]
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -16,8 +16,10 @@ Writes are atomic: each split is built in a local temp folder and published with
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
+import math
 import logging
 import os
 import tempfile
@@ -38,6 +40,20 @@ log = logging.getLogger(__name__)
 WINDOW_SHARDS = 4
 READ_BATCH_ROWS = 8192
 STRATIFY_BLOCK = 200
+MAX_CLASSES = 100_000  # integer labels are ids 0..K-1; a larger K is a wrong column, not a task
+
+
+def check_encoding(encoding: str) -> None:
+    """Refuse an encoding Python cannot decode text with, before anything is read: an unknown name
+    (or a bytes-to-bytes codec such as base64) would otherwise fail mid-read with a LookupError."""
+    where = "--encoding / data.prepare.encoding"
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, TypeError, ValueError):
+        raise UserError(f"encoding {encoding!r} is unknown ({where}); use a Python codec name such as utf-8, "
+                        f"utf-16 or latin-1") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise UserError(f"encoding {encoding!r} is not a text encoding ({where}); use one such as utf-8 or latin-1")
 
 
 def detect_format(uri: str, fmt: str) -> str:
@@ -212,9 +228,14 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
         spec = spec.model_copy(update={"label_field": None})
     elif not spec.label_field:
         raise UserError("sequence-classification needs labels; pass --label-field (or use --task causal-lm)")
-    if len(spec.split) != 3 or any(f < 0 for f in spec.split) or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0:
+    if (len(spec.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in spec.split)
+            or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0):
         raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
                         f"that add up to 1, e.g. 0.8,0.1,0.1")
+    check_encoding(spec.encoding)
+    if label_names is not None and (not all(label_names) or len(set(label_names)) != len(label_names)):
+        raise UserError(f"label names {','.join(label_names)!r} (--label-names / model.label_names) must be "
+                        f"distinct, non-empty class names in id order, e.g. negative,neutral,positive")
     existing = [s for s in SPLITS if storage.exists(join_uri(output, s, MANIFEST), cfg)]
     if existing and not overwrite:
         raise UserError(f"output '{redact_uri(output)}' already holds a data set ({', '.join(existing)}); "
@@ -231,7 +252,8 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
         if spec.label_field:
             for v in batch.column(spec.label_field).to_pylist():
-                label_values[v] = label_values.get(v, 0) + 1
+                key = label_key(v, spec.input, spec.label_field)
+                label_values[key] = label_values.get(key, 0) + 1
         n_rows += batch.num_rows
     if n_rows == 0:
         raise UserError(f"input '{redact_uri(spec.input)}' has no rows")
@@ -260,7 +282,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                     continue
                 if text is None or (label_map is not None and label is None):
                     continue  # rows without text/label carry nothing to learn from
-                lab = label_map[label] if label_map is not None else None
+                lab = label_map[label_key(label, spec.input, spec.label_field)] if label_map is not None else None
                 split = assign(lab)
                 writers[split].add(sid, str(text), lab, tok, max_length)
         manifests = {}
@@ -287,16 +309,51 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     return manifests
 
 
+def label_key(value: Any, uri: str, field: str | None) -> int | str | None:
+    """One raw label value as the key the label map uses, the same in both passes over the input.
+
+    The formats type labels differently (JSON and Parquet keep numbers and booleans, CSV infers
+    them), so labels are normalised here, once: a whole-number float (``1.0``) is the integer class
+    ``1``; a boolean is the named class ``"false"``/``"true"`` (sorted names, so ids 0/1, whether it
+    came from JSON ``true`` or CSV ``True``); strings are names. Anything else (a fraction, NaN, a
+    list, an object) is not a class and is refused with one line, never a KeyError later.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise UserError(f"input '{redact_uri(uri)}': label {value!r} is not a whole number (column {field!r}); "
+                        f"labels must be integers 0..K-1 or class names")
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise UserError(f"input '{redact_uri(uri)}': label {shown} in column {field!r} is a {type(value).__name__}, "
+                    f"not a class; labels must be integers 0..K-1 or class names")
+
+
 def _label_map(values: dict[Any, int], names: list[str] | None, uri: str) -> dict[Any, int]:
-    """Raw label value -> class id. Integer labels must already be 0..K-1; strings are named classes."""
+    """Label key (see :func:`label_key`) -> class id. Integer labels must already be 0..K-1; strings
+    are named classes; a mix of both is refused (which integer would be which name?)."""
     vals = [v for v in values if v is not None]
     if not vals:
         raise UserError(f"input '{redact_uri(uri)}' has no labels in the label column; check --label-field")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+    ints = [v for v in vals if isinstance(v, int)]
+    if ints and len(ints) != len(vals):
+        name = next(v for v in vals if not isinstance(v, int))
+        raise UserError(f"input '{redact_uri(uri)}' mixes integer labels ({ints[0]}) and class names ({name!r}); "
+                        f"use integers 0..K-1 or names throughout")
+    if ints:
         top = max(vals)
         if min(vals) < 0:
             raise UserError(f"input '{redact_uri(uri)}' has negative label {min(vals)}; labels must be 0..K-1 or names")
         k = len(names) if names else top + 1
+        if k > MAX_CLASSES:
+            raise UserError(f"input '{redact_uri(uri)}' has label {top}: integer labels are class ids 0..K-1 and "
+                            f"more than {MAX_CLASSES} classes is not a classification data set; check --label-field")
         if top >= k:
             raise UserError(f"input '{redact_uri(uri)}' has label {top} but only {k} label names were given; "
                             f"labels must be 0..{k - 1}")
