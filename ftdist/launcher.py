@@ -136,8 +136,12 @@ def prepare_data_if_needed(cfg: RunConfig) -> None:
         built = load_manifest(train_uri, cfg.storage).prepare or {}
         from ftdist.data.prepare import spec_record
 
+        if not built:
+            raise UserError(f"data set '{cfg.data.path}' does not record how it was prepared (built by hand or by "
+                            f"an older ftdist), so it cannot be checked against data.prepare; delete it to rebuild, "
+                            f"or remove data.prepare to use it as it is")
         wanted = spec_record(cfg.data.prepare, cfg.model.task, cfg.run.seed, cfg.data.max_length)
-        if built and built != wanted:
+        if built != wanted:
             diff = ", ".join(k for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k))
             raise UserError(f"data set '{cfg.data.path}' was prepared with different settings ({diff}); "
                             f"delete it to rebuild, or point data.path elsewhere")
@@ -183,7 +187,7 @@ def check_run_folder(cfg: RunConfig) -> str:
             raise UserError(f"run folder '{run_uri}' exists but was not made by ftdist; choose another run.name "
                             f"or storage.path")
         return "new"
-    info = json.loads(storage.read_text(marker, cfg.storage))
+    info = read_json(marker, cfg)
     if info.get("fingerprint") != cfg.fingerprint():
         saved = info.get("config", {})
         now = redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))
@@ -191,7 +195,47 @@ def check_run_folder(cfg: RunConfig) -> str:
         raise UserError(f"run folder '{run_uri}' was made by a different config (differs in: "
                         f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
                         f"restore the original config to resume")
-    return "completed" if storage.exists(join_uri(run_uri, SUMMARY_FILE), cfg.storage) else "resume"
+    if storage.exists(join_uri(run_uri, SUMMARY_FILE), cfg.storage):
+        read_json(join_uri(run_uri, SUMMARY_FILE), cfg)  # a corrupt summary is one line, not a traceback
+        return "completed"
+    check_same_world_size(info, cfg, run_uri)
+    return "resume"
+
+
+def check_same_world_size(info: dict[str, Any], cfg: RunConfig, run_uri: str) -> None:
+    """Refuse to resume on another number of workers.
+
+    Why: the saved reader position (epoch, batch) indexes the old partition of the data across
+    ranks, and ZeRO >= 1 optimizer shards belong to the old data-parallel size; resuming on another
+    size would silently repeat and skip samples (or load mismatched shards)."""
+    saved = info.get("num_workers")
+    if saved is not None and saved != cfg.scaling.num_workers:
+        raise UserError(f"run folder '{run_uri}' was started with {saved} worker(s) and this config asks for "
+                        f"{cfg.scaling.num_workers} worker(s); resuming on another world size is not supported yet: "
+                        f"set scaling.num_workers={saved} to resume, or use a new run.name to start over")
+
+
+def read_json(uri: str, cfg: RunConfig) -> dict[str, Any]:
+    """A run folder's JSON file, or one line saying it is corrupt (e.g. cut off by a crash mid-write)."""
+    try:
+        data = json.loads(storage.read_text(uri, cfg.storage))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{uri}' is corrupt ({type(e).__name__}: {str(e)[:80]}); delete it and rerun the same "
+                        f"command (the run resumes from its latest checkpoint), or use a new run.name") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{uri}' is corrupt (not a JSON object); delete it and rerun the same command, "
+                        f"or use a new run.name")
+    return data
+
+
+def write_run_marker(cfg: RunConfig) -> None:
+    """``config.yaml`` and ``ftdist_run.json``: what made this run folder (resume vs another config)."""
+    run_uri = cfg.run_uri()
+    storage.write_text(join_uri(run_uri, CONFIG_FILE), dump_config(cfg), cfg.storage)
+    storage.write_text(join_uri(run_uri, RUN_FILE), json.dumps({
+        "fingerprint": cfg.fingerprint(), "created": time.time(), "num_workers": cfg.scaling.num_workers,
+        "config": redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))}, indent=1),
+        cfg.storage)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -391,17 +435,13 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     state = check_run_folder(cfg)
     run_uri = cfg.run_uri()
     if state == "completed":
-        summary = json.loads(storage.read_text(join_uri(run_uri, SUMMARY_FILE), cfg.storage))
+        summary = read_json(join_uri(run_uri, SUMMARY_FILE), cfg)
         print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: {join_uri(run_uri, SUMMARY_FILE)})")
         return summary
     prepare_data_if_needed(cfg)
     facts = preflight(cfg)
     if state == "new":
-        storage.write_text(join_uri(run_uri, CONFIG_FILE), dump_config(cfg), cfg.storage)
-        storage.write_text(join_uri(run_uri, RUN_FILE), json.dumps({
-            "fingerprint": cfg.fingerprint(), "created": time.time(),
-            "config": redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))}, indent=1),
-            cfg.storage)
+        write_run_marker(cfg)
     else:
         print(f"[ftdist] resuming run '{cfg.run.name}' from {run_uri}", flush=True)
     connect_ray(cfg)

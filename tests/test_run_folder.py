@@ -1,0 +1,85 @@
+"""What a run folder or a prepared data set says about itself is checked before anything trains:
+resuming on another worker count, corrupt markers, and a data set that cannot prove how it was built
+are refused with one line (exit 2), before Ray starts and without touching the folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config
+from ftdist.cli import main
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run_cli(tmp_path: Path, cfg: dict, capsys, *extra: str) -> tuple[int, str]:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = main(["train", str(path), *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture()
+def started_run(tmp_path, tiny_bert, cls_data) -> tuple[dict, Path]:
+    """A run folder as an interrupted 2-worker run leaves it (marker and config, no summary).
+
+    The marker is written by the launcher's own code, so the test follows its format."""
+    from ftdist.config import validate
+    from ftdist.launcher import write_run_marker
+
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "resize"})
+    write_run_marker(validate(cfg))
+    return cfg, tmp_path / "runs" / "resize"
+
+
+def test_resume_on_another_worker_count_is_refused(tmp_path, started_run, capsys):
+    cfg, run = started_run
+    before = _snapshot(run)
+    cfg["scaling"]["num_workers"] = 1
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "2 worker" in err and "1 worker" in err and "scaling.num_workers" in err, err
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("name", ["ftdist_run.json", "summary.json"])
+def test_corrupt_run_files_are_one_line(tmp_path, started_run, capsys, name):
+    cfg, run = started_run
+    (run / name).write_text('{"fingerprint": "abc", ')  # cut off mid-write
+    before = _snapshot(run)
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert name in err and "corrupt" in err, err
+    assert _snapshot(run) == before
+
+
+def test_data_set_without_a_recorded_spec_is_not_reused(tmp_path, tiny_bert, cls_data, capsys):
+    """A data set whose manifest does not record how it was built (by hand, or an older ftdist)
+    cannot be checked against ``data.prepare``: reusing it silently trained on stale data."""
+    ds = tmp_path / "ds"
+    shutil.copytree(cls_data, ds)
+    for man in ds.glob("*/manifest.json"):
+        d = json.loads(man.read_text())
+        d.pop("prepare", None)
+        man.write_text(json.dumps(d))
+    before = _snapshot(ds)
+    cfg = base_config(tiny_bert, str(ds), str(tmp_path / "runs"),
+                      data={"prepare": {"input": str(tmp_path / "raw.jsonl"), "text_field": "text"}})
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(ds) in err and "data.prepare" in err, err
+    assert _snapshot(ds) == before
+    assert not (tmp_path / "runs").exists()
