@@ -30,3 +30,13 @@ class RunFailed(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class StorageUnavailable(RunFailed):
+    """Object storage stayed unreachable through every retry: an outage, not the user's mistake.
+
+    Exit code 1 like any run that could not finish; the message says to rerun the same command,
+    which resumes from the latest complete checkpoint. (Before a run has started, the launcher
+    reports the same condition as a :class:`UserError` about the endpoint: then a wrong
+    ``storage.endpoint_url`` is the likelier cause.)
+    """

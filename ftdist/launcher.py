@@ -27,7 +27,7 @@ from ftdist.config import RunConfig, dump_config, join_uri, redact, redact_uri
 from ftdist.storage import classify
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
-from ftdist.errors import RunFailed, UserError
+from ftdist.errors import RunFailed, StorageUnavailable, UserError
 from ftdist.metrics import majority_baseline
 
 log = logging.getLogger("ftdist")
@@ -373,6 +373,23 @@ def user_error_from_ray(exc: BaseException) -> UserError | None:
     return UserError(m.group(1)) if m else None
 
 
+def storage_outage_from_ray(exc: BaseException) -> str | None:
+    """A worker's StorageUnavailable (storage down beyond the retry budget), wrapped by Ray: its line."""
+    text = "\n".join(str(e) for e in _exc_chain(exc))
+    m = re.search(r"StorageUnavailable: (.+)", text)
+    return m.group(1).strip() if m else None
+
+
+@contextlib.contextmanager
+def unreachable_storage_is_a_user_error() -> Iterator[None]:
+    """Before a run starts, storage that never answers is most likely a wrong endpoint (exit 2);
+    once it has started, the same failure is an outage (exit 1, rerun to resume)."""
+    try:
+        yield
+    except StorageUnavailable as e:
+        raise UserError(str(e).replace("storage unavailable:", "storage unreachable:", 1)) from None
+
+
 def describe_failure(exc: BaseException) -> str | None:
     """One line from Ray Train's WorkerGroupError (per failed rank) or ControllerError (None if neither)."""
     for e in _exc_chain(exc):
@@ -380,9 +397,10 @@ def describe_failure(exc: BaseException) -> str | None:
         if controller is not None:
             lines = [l for l in str(controller).strip().splitlines() if l.strip()]
             last = redact_uri(lines[-1].strip()[:240]) if lines else type(controller).__name__
-            hint = " (object storage unreachable: check storage.endpoint_url / the S3 service)" if classify(
-                controller) == "transient" or "connect" in last.lower() else ""
-            return f"the Ray Train controller failed: {last}{hint}"
+            if classify(controller) == "transient" or "connect" in last.lower():
+                return (f"storage unavailable: the Ray Train controller could not reach the run folder ({last}); "
+                        f"check the S3 service and storage.endpoint_url / AWS_ENDPOINT_URL")
+            return f"the Ray Train controller failed: {last}"
         failures = getattr(e, "worker_failures", None)
         if not isinstance(failures, dict) or not failures:
             continue
@@ -432,14 +450,16 @@ def library_versions() -> dict[str, str]:
 def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, Any]:
     """Train (or resume, or report a finished) run; returns the summary."""
     started_at = started_at or time.time()
-    state = check_run_folder(cfg)
     run_uri = cfg.run_uri()
-    if state == "completed":
-        summary = read_json(join_uri(run_uri, SUMMARY_FILE), cfg)
-        print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: {join_uri(run_uri, SUMMARY_FILE)})")
-        return summary
-    prepare_data_if_needed(cfg)
-    facts = preflight(cfg)
+    with unreachable_storage_is_a_user_error():
+        state = check_run_folder(cfg)
+        if state == "completed":
+            summary = read_json(join_uri(run_uri, SUMMARY_FILE), cfg)
+            print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
+                  f"{join_uri(run_uri, SUMMARY_FILE)})")
+            return summary
+        prepare_data_if_needed(cfg)
+        facts = preflight(cfg)
     if state == "new":
         write_run_marker(cfg)
     else:
@@ -452,6 +472,10 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         ue = user_error_from_ray(e)
         if ue is not None:
             raise ue from None
+        outage = storage_outage_from_ray(e)
+        if outage is not None:
+            raise RunFailed(f"run '{cfg.run.name}' failed: {outage}; completed checkpoints are kept in "
+                            f"{run_uri}") from None
         why = describe_failure(e)
         if why is None:
             raise

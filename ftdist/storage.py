@@ -30,7 +30,7 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from ftdist.config import StorageSection, redact_uri, resolve_env_refs
-from ftdist.errors import UserError
+from ftdist.errors import StorageUnavailable, UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -186,6 +186,11 @@ def retrying(fn: Callable[[], T], uri: str, action: str, cfg: StorageSection) ->
                 continue
             if kind == "other":
                 raise
+            if kind == "transient":
+                raise StorageUnavailable(
+                    f"storage unavailable: '{redact_uri(uri)}' failed while {action} after {attempt} retries in "
+                    f"{elapsed:.0f}s ({type(exc).__name__}); check the S3 service and storage.endpoint_url / "
+                    f"AWS_ENDPOINT_URL, then rerun the same command to resume") from None
             raise user_error_for(exc, uri, action) from None
 
 
