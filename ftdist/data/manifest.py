@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,21 +82,22 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
                         f"set; (re)run `ftdist data prepare`")
     try:
         d = json.loads(storage.read_text(uri, cfg))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(f"'{uri}' is not valid JSON; re-run `ftdist data prepare`") from None
+    except IsADirectoryError:
+        raise UserError(f"'{uri}' is a folder, not a manifest file; re-run `ftdist data prepare`") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"'{uri}' is not an ftdist manifest (format != {FORMAT}); re-run `ftdist data prepare`")
     if d.get("version") != VERSION:
         raise UserError(f"'{uri}' has manifest version {d.get('version')!r}; this ftdist reads version {VERSION}; "
                         f"re-run `ftdist data prepare` with this version")
-    try:
-        max_length = None if d["max_length"] is None else int(d["max_length"])  # None: raw text
-        m = Manifest(split=d["split"], task=d["task"], num_rows=int(d["num_rows"]),
-                     shards=[ShardInfo(**s) for s in d["shards"]], max_length=max_length,
-                     tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
-                     columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"'{uri}' is malformed ({e.__class__.__name__}: {e}); re-run `ftdist data prepare`") from None
+    problem = _schema_problem(d)
+    if problem:
+        raise UserError(f"'{uri}' is malformed: {problem}; re-run `ftdist data prepare`")
+    m = Manifest(split=d["split"], task=d["task"], num_rows=d["num_rows"],
+                 shards=[ShardInfo(**s) for s in d["shards"]], max_length=d["max_length"],
+                 tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
+                 columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
     if m.num_rows == 0 or not m.shards:
         raise UserError(f"data set split '{split_uri}' is empty (0 rows); prepare it with more data or "
                         f"change the --split fractions")
@@ -108,6 +110,69 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
         raise UserError(f"data set '{split_uri}' lacks column(s) {sorted(missing)} needed for task {m.task}; "
                         f"prepare it with the right --task/--label-field")
     return m
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _schema_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest's fields, or None. Every field is type-checked here,
+    before use, because a hand-edited or damaged manifest would otherwise surface as a TypeError
+    deep in preflight, in the summary, or in a worker after Ray has started."""
+    from ftdist.config import TASKS
+
+    for key in ("split", "task", "num_rows", "shards", "max_length", "tokenizer"):
+        if key not in d:
+            return f"field '{key}' is missing"
+    checks: list[tuple[str, bool, str]] = [
+        ("split", isinstance(d["split"], str), "a split name"),
+        ("task", d["task"] in TASKS, f"one of {', '.join(TASKS)}"),
+        ("num_rows", _is_count(d["num_rows"]), "a count (integer >= 0)"),
+        ("shards", isinstance(d["shards"], list) and all(isinstance(s, dict) for s in d["shards"]),
+         "a list of shard records"),
+        ("max_length", d["max_length"] is None or (_is_count(d["max_length"]) and d["max_length"] > 0),
+         "a positive integer or null"),
+        ("tokenizer", d["tokenizer"] is None or isinstance(d["tokenizer"], dict), "an object or null"),
+        ("label_names", d.get("label_names") is None or _is_str_list(d["label_names"]), "a list of names or null"),
+        ("label_counts", d.get("label_counts") is None or (isinstance(d["label_counts"], list)
+                                                           and all(_is_count(c) for c in d["label_counts"])),
+         "a list of counts or null"),
+        ("columns", isinstance(d.get("columns", {}), dict)
+         and all(isinstance(v, str) for v in d.get("columns", {}).values()), "an object of column types"),
+        ("source", d.get("source") is None or isinstance(d["source"], str), "a string or null"),
+        ("prepare", d.get("prepare") is None or isinstance(d["prepare"], dict), "an object or null"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            return f"field '{key}' must be {want}"
+    for i, s in enumerate(d["shards"]):
+        unknown = sorted(set(s) - set(ShardInfo.__dataclass_fields__))
+        if unknown:
+            return f"shards[{i}] has unknown field '{unknown[0]}'"
+        for key, ok, want in (
+                ("file", isinstance(s.get("file"), str) and s["file"] not in ("", ".", "..")
+                 and "/" not in s["file"] and "\\" not in s["file"], "a file name in the split's folder"),
+                ("rows", _is_count(s.get("rows")), "a count (integer >= 0)"),
+                ("sha256", isinstance(s.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) is not None,
+                 "a SHA-256 hex digest"),
+                ("bytes", s.get("bytes") is None or _is_count(s["bytes"]), "a size in bytes or null")):
+            if not ok:
+                return f"shards[{i}].{key} must be {want}"
+    files = [s["file"] for s in d["shards"]]
+    if len(set(files)) != len(files):
+        return "a shard file is listed twice"
+    tokenized = "input_ids" in d.get("columns", {})
+    if tokenized and (d["max_length"] is None or d["tokenizer"] is None or "length" not in d["columns"]):
+        return "it lists token ids but no max_length/tokenizer/length column"
+    if d.get("label_names") is not None and d.get("label_counts") is not None \
+            and len(d["label_names"]) != len(d["label_counts"]):
+        return "label_names and label_counts differ in length"
+    return None
 
 
 def check_compatible(m: Manifest, split_uri: str, task: str, num_labels: int | None,

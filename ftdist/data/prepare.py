@@ -17,12 +17,14 @@ Writes are atomic: each split is built in a local temp folder and published with
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import io
 import math
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +102,13 @@ def iter_raw(uri: str, fmt: str, encoding: str, columns: list[str], cfg: Storage
                 yield from table.select(columns).to_batches()
     except UserError:
         raise
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise UserError(f"input '{redact_uri(uri)}' could not be parsed as {fmt}: {str(e).splitlines()[0][:160]}; "
+    except (pa.ArrowInvalid, UnicodeError) as e:  # UnicodeError: also codecs such as 'undefined' that refuse all
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"input '{redact_uri(uri)}' could not be parsed as {fmt}: {first}; "
                         f"check --format/--encoding") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz name on a file that is not (whole) gzip
+        raise UserError(f"input '{redact_uri(uri)}' could not be decompressed ({type(e).__name__}: {e}); "
+                        f"check the file, or rename it if it is not compressed") from None
 
 
 def _csv_header(uri: str, fs: Any, path: str, encoding: str) -> list[str]:
@@ -233,6 +239,9 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
         raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
                         f"that add up to 1, e.g. 0.8,0.1,0.1")
     check_encoding(spec.encoding)
+    if spec.label_field is not None and spec.label_field == spec.text_field:
+        raise UserError(f"the text and the labels cannot both come from column {spec.text_field!r}; "
+                        f"set --text-field and --label-field (data.prepare.text_field/label_field) to two columns")
     if label_names is not None and (not all(label_names) or len(set(label_names)) != len(label_names)):
         raise UserError(f"label names {','.join(label_names)!r} (--label-names / model.label_names) must be "
                         f"distinct, non-empty class names in id order, e.g. negative,neutral,positive")
