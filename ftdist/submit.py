@@ -26,6 +26,7 @@ JOB_CONFIG = "ftdist-job.yaml"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
                  "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+AGENT_WAIT_S = 60.0  # a just-started head needs a few seconds
 
 
 def job_env(extra: list[str]) -> dict[str, str]:
@@ -63,15 +64,33 @@ def submit(config_path: str, overrides: list[str], address: str, follow: bool, e
     with tempfile.TemporaryDirectory(prefix="ftdist-job-") as wd:
         with open(os.path.join(wd, JOB_CONFIG), "w") as f:
             yaml.safe_dump(raw, f, sort_keys=False)
-        job_id = client.submit_job(
-            entrypoint=f"python -m ftdist {command} {JOB_CONFIG}",
-            runtime_env={"working_dir": wd, "env_vars": environment},
-            metadata={"ftdist_run": cfg.run.name, "ftdist_command": command},
-        )
+        job_id = submit_when_ready(client, entrypoint=f"python -m ftdist {command} {JOB_CONFIG}",
+                                   runtime_env={"working_dir": wd, "env_vars": environment},
+                                   metadata={"ftdist_run": cfg.run.name, "ftdist_command": command})
     print(f"submitted job {job_id} (run '{cfg.run.name}') to {address}", flush=True)
     if not follow:
         return 0
     return follow_job(client, job_id)
+
+
+def submit_when_ready(client: Any, wait_s: float = AGENT_WAIT_S, **job: Any) -> str:
+    """Submit, waiting for the job agent of a just-started head.
+
+    Why: for some seconds after `ray start --head` the dashboard answers but its job agent does not
+    ("No available agent to submit job"); a user who starts a cluster and submits at once would
+    otherwise get a traceback for a cluster that is merely starting.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(f"the Ray cluster's job agent did not become available within {wait_s:.0f}s; "
+                                f"check the head node (ray status) and submit again") from None
+            time.sleep(1.0)
 
 
 def follow_job(client: Any, job_id: str) -> int:

@@ -3,6 +3,7 @@ training job submitted through the job server with `ftdist submit`, workers on b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,26 +21,34 @@ from conftest import base_config, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def two_nodes():
-    """Head and worker node, each 1 CPU with its own temp dir; stopped (only ours) afterwards."""
+@contextlib.contextmanager
+def ray_cluster(second_node: bool) -> Iterator[dict]:
+    """A head (and optionally a worker node), each 1 CPU with its own temp dir; stopped (only ours)
+    afterwards. RAY_AUTH_MODE is the same for `ray start` and the submitting side (README)."""
     root = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: AF_UNIX socket paths
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    started = []
 
     def start(*args: str) -> None:
-        proc = subprocess.run([RAY, "start", *args, "--num-cpus=1", "--disable-usage-stats"], env=env,
+        # Every per-node port is a free one: Ray's fixed defaults (agent 52365, client 10001, ...)
+        # collide with any other Ray cluster on this machine, and the job agent then never comes up.
+        ports = [f"--{name}={free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port")]
+        if "--head" in args:
+            ports.append(f"--ray-client-server-port={free_port()}")
+        proc = subprocess.run([RAY, "start", *args, *ports, "--num-cpus=1", "--disable-usage-stats"], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        started.append(args)
 
     try:
         start("--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
               f"--dashboard-port={dash}", f"--temp-dir={root}/head", '--resources={"head_node": 1}')
-        start(f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", '--resources={"second_node": 1}')
+        if second_node:
+            start(f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", '--resources={"second_node": 1}')
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "root": root}
     finally:
         from test_cli import kill_processes_mentioning
@@ -46,6 +56,35 @@ def two_nodes():
         kill_processes_mentioning(root)  # both nodes' processes name the head's temp dir/session
         kill_processes_mentioning(f"127.0.0.1:{gcs}")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def two_nodes():
+    with ray_cluster(second_node=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def one_node():
+    with ray_cluster(second_node=False) as cluster:
+        yield cluster
+
+
+def test_submit_the_shipped_demo_job_to_a_ray_start_cluster(one_node, tiny_bert, tmp_path):
+    """The README's `ftdist submit cluster/jobs/demo.yaml --address ...`, with its data.prepare kept
+    (a tiny sample, tokenized with the tiny model's tokenizer) and one short epoch on one worker."""
+    t0 = time.monotonic()
+    tiny = [f"model.path={tiny_bert}", f"data.path={tmp_path / 'data'}", "data.prepare.limit=300",
+            "scaling.num_workers=1", "train.epochs=1", "train.max_steps_per_epoch=3", f"storage.path={tmp_path / 'runs'}"]
+    proc = run_cli("submit", str(REPO / "cluster" / "jobs" / "demo.yaml"), "--address", one_node["address"],
+                   "--follow", *[a for kv in tiny for a in ("--set", kv)], env=one_node["env"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "submitted job" in proc.stdout and "finished: SUCCEEDED" in proc.stdout
+    saved = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
+    assert "tokenize: true" in saved and "***" not in saved
+    summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    assert summary["status"] == "completed" and sum(summary["rows"].values()) == 300  # the whole tiny sample
+    print(f"demo submit took {time.monotonic() - t0:.0f}s")
 
 
 def test_submit_two_worker_job_across_two_nodes(two_nodes, tiny_bert, cls_data, tmp_path):
