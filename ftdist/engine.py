@@ -5,7 +5,8 @@ matter for speed, from measurements (bench/RESULTS.md):
 
 - mixed precision through ``torch.autocast`` with fp32 master weights (``mixed_precision:
   torch_autocast``) rather than DeepSpeed's bf16 optimizer wrapper, which lost up to 2.9x to a
-  plain loop on one GPU;
+  plain loop on one GPU; fp16 there gets its dynamic loss scale from DeepSpeed's ``torch_autocast``
+  mode (ZeRO-0 only: ``resolve_precision`` refuses fp16 with ZeRO under torch_autocast);
 - ftdist's own AdamW (fused, on CPU as on CUDA) with weight decay off for biases and norms, and its own
   warmup+decay schedule, unless optimizer offload needs DeepSpeed's CPU Adam;
 - no DeepSpeed progress printing or wall-clock breakdown in the hot path.
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ftdist.config import RunConfig
+from ftdist.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,32 @@ class Precision:
 
 
 def resolve_precision(cfg: RunConfig, device_type: str) -> Precision:
+    """The precision this run trains in; refuses fp16 where it would train without loss scaling.
+
+    fp16 gradients below ~6e-8 flush to zero, so fp16 needs a dynamic loss scale. Under
+    ``torch_autocast`` ftdist gets one from DeepSpeed's ``torch_autocast`` mode, which scales
+    correctly only without ZeRO: with DeepSpeed 0.19's ZeRO optimizers every fp16 step was
+    skipped as an overflow and the scale never lowered (nothing trained), so that is refused.
+    """
     p = cfg.train.precision
     if p == "auto":
         p = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    stage = cfg.deepspeed.zero_stage
+    if p == "fp16" and cfg.deepspeed.mixed_precision == "torch_autocast" and stage >= 1:
+        raise UserError(f"train.precision fp16 under deepspeed.mixed_precision torch_autocast has loss scaling "
+                        f"only without ZeRO, and this run asks for deepspeed.zero_stage {stage}; set "
+                        f"deepspeed.mixed_precision: deepspeed (DeepSpeed's fp16 engine, dynamic loss scale), "
+                        f"or train.precision: bf16, or deepspeed.zero_stage: 0")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
     return Precision(p, dtype)
+
+
+def engine_autocasts(cfg: RunConfig, precision: Precision) -> bool:
+    """True when DeepSpeed itself runs the forward under autocast: fp16 with ``torch_autocast``,
+    so that its ``torch_autocast`` mode also owns the matching dynamic loss scale (a GradScaler:
+    scale the loss, unscale before clipping, skip steps with inf/NaN gradients, adapt the scale).
+    bf16 has fp32's exponent range and needs no scaling: ftdist's own ``torch.autocast`` runs it."""
+    return precision.name == "fp16" and cfg.deepspeed.mixed_precision == "torch_autocast"
 
 
 def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
@@ -64,6 +87,8 @@ def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
         out["gradient_clipping"] = cfg.train.max_grad_norm
     if precision.autocast_dtype is not None and ds.mixed_precision == "deepspeed":
         out["bf16" if precision.name == "bf16" else "fp16"] = {"enabled": True}
+    if engine_autocasts(cfg, precision):
+        out["torch_autocast"] = {"enabled": True, "dtype": "float16"}
     if ds.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's CPU Adam; the schedule stays ftdist's (passed as a callable).
         out["optimizer"] = {"type": "AdamW", "params": {
@@ -120,11 +145,27 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: LambdaLR(opt, sched_fn), config=ds_cfg, dist_init_required=False)
+    if "torch_autocast" in ds_cfg:
+        _forget_autocast_globals()
     if ds_cfg["zero_optimization"]["stage"] == 0 and _world_size() == 1:
         # One rank without ZeRO: DeepSpeed would still flatten every gradient, all-reduce it with
         # itself and copy it back, each step (+7% step time on CPU, bench/RESULTS.md).
         engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def _forget_autocast_globals() -> None:
+    """Undo the process-wide flag DeepSpeed's ``torch_autocast`` mode leaves behind.
+
+    DeepSpeed records "autocast in fp16" in module globals that only ZeRO optimizers read, when
+    they are built. This engine (ZeRO-0) has read what it needs; left set, the flag would hand a
+    later ZeRO engine in the same process (tests, the benchmark harness) a grad scaler it never
+    asked for, and that engine would skip every step.
+    """
+    from deepspeed.runtime import torch_autocast
+
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
+    torch_autocast.TORCH_AUTOCAST_DTYPE = None
 
 
 def _world_size() -> int:

@@ -33,7 +33,8 @@ from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
-from ftdist.engine import Precision, build_engine, init_distributed, reapply_hyperparameters, resolve_precision
+from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distributed, reapply_hyperparameters,
+                           resolve_precision)
 from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_tflops
 from ftdist.session import Session
 
@@ -56,6 +57,44 @@ class Setup:
     engine: Any
     train_reader: ShardReader
     steps_per_epoch: int
+    optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
+
+
+@dataclass(frozen=True)
+class Window:
+    """The gradient-accumulation window a micro batch belongs to.
+
+    Windows are counted from the start of each epoch, and an epoch's last window may be shorter
+    than ``gradient_accumulation_steps``: it is stepped at the epoch end rather than carried into
+    the next epoch, so every epoch (and every epoch checkpoint) ends on an optimizer step.
+    """
+
+    size: int  # micro batches in this window
+    last: bool  # this micro batch closes the window: gradients are reduced and the optimizer steps
+
+
+def accumulation_window(batch_index: int, steps_per_epoch: int, gas: int) -> Window:
+    """The window of the epoch's ``batch_index``-th micro batch (0-based)."""
+    start = batch_index - batch_index % gas
+    end = min(start + gas, steps_per_epoch)
+    return Window(end - start, batch_index + 1 == end)
+
+
+def optimizer_steps_per_epoch(steps_per_epoch: int, gas: int) -> int:
+    """One optimizer step per window, the epoch's last partial window included."""
+    return math.ceil(steps_per_epoch / gas)
+
+
+def mid_epoch_checkpoint_due(done: int, steps_per_epoch: int, gas: int, every: int | None) -> bool:
+    """Whether to checkpoint after ``done`` batches of the epoch.
+
+    Only on accumulation boundaries: a checkpoint inside a window would not hold the gradient
+    accumulated so far, and the resumed run would step without it. Each multiple of ``every``
+    is served by the first boundary at or after it; the epoch's end has its own checkpoint.
+    """
+    if not every or done >= steps_per_epoch or done % gas:
+        return False
+    return done // every > (done - gas) // every
 
 
 def split_uri(cfg: RunConfig, split: str) -> str:
@@ -99,14 +138,14 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    total = math.ceil(steps * cfg.train.epochs / cfg.train.gradient_accumulation_steps)
+    total = cfg.train.epochs * optimizer_steps_per_epoch(steps, cfg.train.gradient_accumulation_steps)
     model.to(device)
     engine, _ = build_engine(cfg, model, total, precision)
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
-                 train_reader, steps)
+                 train_reader, steps, total)
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -120,8 +159,10 @@ def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, sh
 
 
 def _autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
+    """ftdist's autocast around a forward, unless precision is fp32, DeepSpeed's own bf16/fp16
+    engine runs the model, or DeepSpeed autocasts the forward itself (fp16, see engine_autocasts)."""
     dtype = s.precision.autocast_dtype
-    if dtype is None or s.cfg.deepspeed.mixed_precision != "torch_autocast":
+    if dtype is None or s.cfg.deepspeed.mixed_precision != "torch_autocast" or engine_autocasts(s.cfg, s.precision):
         return contextlib.nullcontext()
     return torch.autocast(s.device.type, dtype=dtype)
 
@@ -130,15 +171,24 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "sample_id"}
 
 
-def train_step(s: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None = None) -> torch.Tensor:
     """One micro batch: forward under autocast, backward, and DeepSpeed's step (which applies the
     optimizer at gradient-accumulation boundaries). Returns the loss detached and still on the
     device, so a step never waits for the device (the loop reads losses only when it logs). The
-    benchmark harness (bench/throughput.py) times this same function."""
+    benchmark harness (bench/throughput.py) times this same function.
+
+    With ``window`` the loop, not DeepSpeed's micro-step counter, says where windows end (the
+    counter neither restarts per epoch nor survives a checkpoint), and the loss is averaged over
+    the window's own size, so a short last window weighs its micro batches fully."""
     inputs = _to_device(batch, s.device)
+    if window is not None:
+        s.engine.set_gradient_accumulation_boundary(window.last)
     with _autocast(s):
         loss = s.engine(**inputs).loss
-    s.engine.backward(loss)
+    if window is None:
+        s.engine.backward(loss)
+    else:
+        s.engine.backward(loss / window.size, scale_wrt_gas=False)
     s.engine.step()
     return loss.detach()
 
@@ -232,7 +282,7 @@ def _train(s: Setup) -> dict[str, Any] | None:
     peak = peak_tflops(cfg.train.peak_tflops, s.device.type)
     first_step_at: float | None = None
     throughput: dict[str, Any] = {}
-    S = s.steps_per_epoch
+    S, gas = s.steps_per_epoch, cfg.train.gradient_accumulation_steps
     _log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
     while state.epoch < cfg.train.epochs and not state.stopped_early:
@@ -241,7 +291,7 @@ def _train(s: Setup) -> dict[str, Any] | None:
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
         for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task)
-            loss = train_step(s, batch)
+            loss = train_step(s, batch, accumulation_window(state.batch, S, gas))
             if first_step_at is None:
                 first_step_at = time.time()
             state.batch += 1
@@ -256,7 +306,7 @@ def _train(s: Setup) -> dict[str, Any] | None:
                 lr = engine.get_lr()[0]
                 _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {loss_acc.item() / n_loss:.4f} "
                         f"lr {lr:.2e} {samples * session.world_size / (time.perf_counter() - t0):.1f} samples/s")
-            if cfg.train.checkpoint_every_steps and state.batch % cfg.train.checkpoint_every_steps == 0 and state.batch < S:
+            if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
                 worst = -1e30 if mode == "max" else 1e30

@@ -37,3 +37,15 @@ def test_warmup_then_decay():
     assert f(10) == 1.0 and abs(f(55) - 0.5) < 1e-9 and f(100) == 0.0
     assert lr_lambda(100, 0, "constant")(50) == 1.0
     assert abs(lr_lambda(100, 0, "cosine")(50) - 0.5) < 1e-9
+
+
+def test_fp16_under_torch_autocast_gets_deepspeeds_loss_scaled_autocast():
+    """fp16 needs a dynamic loss scale: under torch_autocast DeepSpeed's own torch_autocast mode
+    provides it (GradScaler); bf16 needs none and keeps ftdist's autocast with no DeepSpeed section."""
+    cfg = load_config(data=BASE, overrides=["train.precision=fp16"])
+    c = deepspeed_config(cfg, Precision("fp16", torch.float16))
+    assert c["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in c
+    assert "torch_autocast" not in deepspeed_config(cfg, Precision("bf16", torch.bfloat16))
+    native = load_config(data=BASE, overrides=["train.precision=fp16", "deepspeed.mixed_precision=deepspeed"])
+    c = deepspeed_config(native, Precision("fp16", torch.float16))
+    assert c["fp16"] == {"enabled": True} and "torch_autocast" not in c
