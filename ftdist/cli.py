@@ -168,10 +168,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     rs = resolve_sweep(load_sweep_spec(args.spec, args.overrides))  # no Ray yet: a bad spec fails in a second
     from ftdist.sweep import run_sweep
-    from ftdist.sweep_report import format_report
+    from ftdist.sweep_report import every_trial_failed, format_report
 
     summary = run_sweep(rs, resume=args.resume, address=args.address)
     print(format_report(summary), flush=True)
+    failed = every_trial_failed(summary)
+    if failed:
+        raise RunFailed(failed)
     return 0 if summary["status"] == "completed" else 130
 
 

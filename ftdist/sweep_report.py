@@ -426,6 +426,19 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def every_trial_failed(summary: dict[str, Any]) -> str | None:
+    """The one line for a finished sweep in which no trial got anywhere (all errored), else None.
+
+    Why: such a sweep "completes" in Tune's eyes, but it produced no model; exiting 0 would let a
+    pipeline or a CI job carry on as if it had."""
+    trials = sorted(summary.get("trials") or [], key=lambda t: t["trial"])
+    if summary.get("status") != "completed" or not trials or any(t["status"] != "error" for t in trials):
+        return None
+    first = trials[0]
+    return (f"every trial of sweep '{summary['sweep']}' failed ({len(trials)} of {len(trials)}); the first, "
+            f"{first['trial']}: {first.get('error') or 'unknown error'}; details in {summary['sweep_dir']}")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

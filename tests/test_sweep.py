@@ -94,6 +94,11 @@ def test_schedulers_and_searchers_are_built_from_the_spec():
     except ImportError:
         with pytest.raises(UserError, match="pip install optuna"):
             build_searcher(rs, 2)
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = build_searcher(rs, 2)
+        assert isinstance(getattr(searcher, "searcher", searcher), OptunaSearch)
 
 
 def test_warmup_longer_than_the_grace_period_is_flagged():
@@ -284,6 +289,18 @@ def test_restore_with_perturbed_hyperparameters_at_every_zero_stage(stage, tiny_
     assert [r["lr"] for r in sa.reports] == [1e-2]
     assert [(r["epoch"], r["lr"]) for r in sb.reports] == [(2, 2e-3)]  # continued A's epoch 1 with B's LR
     assert result["best_epoch"] == 2 and len(result["epochs"]) == 2  # A's history kept, best is B's own
+    # B's weight decay is applied too: the same continuation without decay ends with larger weights.
+    shutil.copytree(tmp_path / "a" / name, tmp_path / "c" / name)
+    reset_best_tracking(str(tmp_path / "c" / name / "ftdist_state.json"))
+    (tmp_path / "c" / "latest.json").write_text(json.dumps({"name": name}))
+    c = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path), run={"name": "c"}, **common),
+                    overrides=["train.learning_rate=2e-3", "train.weight_decay=0.0", "train.epochs=2"])
+    train_worker(c, LocalSession(str(tmp_path / "c")))
+    from safetensors.torch import load_file
+
+    decayed, plain = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("b", "c"))
+    key = next(k for k in decayed if k.endswith("attention.self.query.weight"))
+    assert decayed[key].norm() < plain[key].norm() * (1 - 1e-4), (decayed[key].norm(), plain[key].norm())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,11 +497,13 @@ def test_pbt_exploits_a_better_trials_checkpoint(tmp_path, tiny_bert, cls_data):
     assert len(bad) == 1 and bad[0]["exploits"], "the trial that could not learn never exploited the other"
     t = bad[0]
     assert t["best_metric"] > t["curve"][0][1] + 0.1  # it continued from the donor's weights, far above chance
-    assert t["config"]["train.learning_rate"] in (GOOD_LR, 1.0e-9)  # the donor's LR, list-shifted by PBT
     for e in t["exploits"]:
         assert e["from_trial"] in names - {t["trial"]} and e["run"].startswith(f"{t['trial']}-pbt")
         assert Path(e["copied"]).parent.name.startswith(e["from_trial"])  # a Train checkpoint of the donor
     last = t["exploits"][-1]
+    # The summary reports the hyperparameters the trial ended with: those its last run was configured with.
+    last_cfg = yaml.safe_load((d / "trials" / last["run"] / "config.yaml").read_text())
+    assert last_cfg["train"]["learning_rate"] == pytest.approx(t["config"]["train.learning_rate"])
     result = json.loads((d / "trials" / last["run"] / "train_result.json").read_text())
     assert [r["epoch"] for r in result["epochs"]] == list(range(1, EPOCHS + 1))  # donor's history, then its own
     restored_at = int(Path(last["copied"]).name[len("epoch"):len("epoch") + 3])
@@ -538,3 +557,41 @@ def test_cli_trial_larger_than_the_cluster_fails_fast(tmp_path, tiny_bert, cls_d
     line = [l for l in p.stderr.splitlines() if l.startswith("ftdist: error:")][0]
     assert "one trial asks for CPU=3" in line and "the local Ray cluster has CPU=2" in line
     assert took < 90
+
+
+def test_every_trial_failed_only_when_no_trial_got_anywhere():
+    from ftdist.sweep_report import every_trial_failed
+
+    def summary(*statuses: str) -> dict:
+        return {"sweep": "s", "sweep_dir": "/x", "status": "completed",
+                "trials": [{"trial": f"t{i}", "status": st, "error": f"boom {i}"} for i, st in enumerate(statuses)]}
+
+    assert every_trial_failed(summary("error", "error")) == (
+        "every trial of sweep 's' failed (2 of 2); the first, t0: boom 0; details in /x")
+    assert every_trial_failed(summary("error", "completed")) is None
+    assert every_trial_failed(summary("error", "stopped")) is None
+    assert every_trial_failed({**summary("error"), "status": "interrupted"}) is None
+
+
+@pytest.mark.slow
+def test_cli_sweep_whose_every_trial_errored_exits_1_with_the_first_error(tmp_path, tiny_bert, cls_data):
+    """A model whose weights are corrupt passes the driver's checks (the tokenizer loads) and fails in
+    every trial: the sweep must not report success."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    path = _write_spec(tmp_path, str(broken), cls_data, "allfail", {
+        "space": {"train.learning_rate": {"grid": [1e-3, 1e-2]}}, "scheduler": {"type": "fifo"}}, epochs=1)
+    ray_tmp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
+    try:
+        p = run_cli("tune", path, env=_sweep_env(ray_tmp), timeout=300)
+    finally:
+        kill_processes_mentioning(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = [l for l in p.stderr.strip().splitlines() if l.startswith("ftdist: error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    assert "every trial" in lines[0] and "2 of 2" in lines[0], lines[0]
+    s = json.loads((tmp_path / "sweeps" / "allfail" / "sweep_summary.json").read_text())
+    first = sorted(s["trials"], key=lambda t: t["trial"])[0]
+    assert first["status"] == "error" and first["error"] and first["error"] in lines[0]
