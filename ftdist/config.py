@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ftdist.errors import UserError
 
@@ -37,8 +37,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: a run name, or text holding ``${env:NAME}`` references (checked again once they are resolved)
+RUN_NAME_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*|.*\$\{env:[A-Za-z_][A-Za-z0-9_]*\}.*)$"
+
+
 class RunSection(Section):
-    name: str = Field("ftdist-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    name: str = Field("ftdist-run", pattern=RUN_NAME_PATTERN,
                       description="run name: the folder under storage.path; rerunning the same name resumes")
     seed: int = Field(42, ge=0)
 
@@ -168,6 +172,8 @@ class RunConfig(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    #: the config with its ``${env:...}`` references, on a copy made by :meth:`resolved`
+    _unresolved: RunConfig | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _metric(self) -> "RunConfig":
@@ -196,8 +202,31 @@ class RunConfig(Section):
         Scaling and storage details may change between a crash and a rerun (fewer nodes, a new
         endpoint) without making it another run, so they are left out.
         """
-        d = self.model_dump(mode="json", exclude={"scaling": True, "storage": True})
+        d = self.unresolved().model_dump(mode="json", exclude={"scaling": True, "storage": True})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+    def resolved(self) -> RunConfig:
+        """A copy with every ``${env:NAME}`` replaced by this process's environment, for the code that
+        uses the values (opening storage, loading the model, naming the run folder).
+
+        Why a copy: the saved ``config.yaml``, the fingerprint and the config Ray ships to workers
+        keep the references, so a secret (or a machine-specific path) never travels or lands on
+        disk; each process resolves them itself. Resolved values are validated and local paths made
+        absolute again. Idempotent; a config without references is returned as is.
+        """
+        if self._unresolved is not None:
+            return self
+        raw = self.model_dump(mode="json")
+        if not _has_env_ref(raw):
+            return self
+        out = absolutize_local_paths(validate(resolve_env_refs(raw), "config (with ${env:...} resolved)"))
+        out._unresolved = self
+        return out
+
+    def unresolved(self) -> RunConfig:
+        """The config as written, ``${env:...}`` references kept (``self`` unless made by :meth:`resolved`)."""
+        return self._unresolved or self
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -352,7 +381,7 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     """Relative local paths are taken from the current directory (as any CLI does) and made
     absolute, because Ray workers run in another working directory."""
     def fix(p: str | None, must_exist: bool = False) -> str | None:
-        if p is None or _is_uri(p) or os.path.isabs(p):
+        if p is None or _is_uri(p) or os.path.isabs(p) or _ENV_REF.search(p):  # a reference: fixed once resolved
             return p
         if must_exist and not os.path.exists(os.path.expanduser(p)) and not p.startswith((".", "~")):
             return p  # a hub id such as "bert-base-uncased" or "org/model"
@@ -467,6 +496,14 @@ def redact_uri(s: str) -> str:
     return _URL.sub(lambda m: _redact_url(m.group(0)), s)
 
 
+def _has_env_ref(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return any(_has_env_ref(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_env_ref(v) for v in obj)
+    return isinstance(obj, str) and _ENV_REF.search(obj) is not None
+
+
 def resolve_env_refs(obj: Any) -> Any:
     """Replace ``${env:NAME}`` with the environment's value; only called where the value is used."""
     if isinstance(obj, dict):
@@ -484,6 +521,13 @@ def resolve_env_refs(obj: Any) -> Any:
     return obj
 
 
+def config_record(cfg: RunConfig, exclude: Any = None) -> dict[str, Any]:
+    """The config as run folders keep it (``config.yaml``, ``summary.json``, ``ftdist_run.json``):
+    ``${env:...}`` references kept, not their values, and literal secrets redacted."""
+    return redact(cfg.unresolved().model_dump(mode="json", exclude=exclude))
+
+
 def dump_config(cfg: RunConfig) -> str:
-    """The fully resolved config as YAML, secrets redacted: what goes into the run folder."""
-    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+    """The fully resolved config (defaults and ``--set`` applied; ``${env:...}`` references kept,
+    secrets redacted) as YAML: what goes into the run folder and loads back to the same run."""
+    return yaml.safe_dump(config_record(cfg), sort_keys=False)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import RunConfig, dump_config, join_uri, redact, redact_uri
+from ftdist.config import RunConfig, config_record, dump_config, join_uri, redact_uri
 from ftdist.storage import classify
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
@@ -119,7 +119,8 @@ def worker_entry(config: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     quiet_ray_train_logs()
-    cfg = RunConfig.model_validate(config["config"])
+    # The config arrives with its ${env:...} references (never their values): resolve them here.
+    cfg = RunConfig.model_validate(config["config"]).resolved()
     train_worker(cfg, RaySession(cfg, config.get("restore_from")))
 
 
@@ -190,7 +191,7 @@ def check_run_folder(cfg: RunConfig) -> str:
     info = read_json(marker, cfg)
     if info.get("fingerprint") != cfg.fingerprint():
         saved = info.get("config", {})
-        now = redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))
+        now = config_record(cfg, exclude={"scaling": True, "storage": True})
         diff = _diff_keys(saved, now)
         raise UserError(f"run folder '{run_uri}' was made by a different config (differs in: "
                         f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
@@ -234,7 +235,7 @@ def write_run_marker(cfg: RunConfig) -> None:
     storage.write_text(join_uri(run_uri, CONFIG_FILE), dump_config(cfg), cfg.storage)
     storage.write_text(join_uri(run_uri, RUN_FILE), json.dumps({
         "fingerprint": cfg.fingerprint(), "created": time.time(), "num_workers": cfg.scaling.num_workers,
-        "config": redact(cfg.model_dump(mode="json", exclude={"scaling": True, "storage": True}))}, indent=1),
+        "config": config_record(cfg, exclude={"scaling": True, "storage": True})}, indent=1),
         cfg.storage)
 
 
@@ -342,6 +343,7 @@ def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_fr
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = cfg.resolved()  # storage and run name as used; train_loop_config below keeps the references
     gpu = use_gpu(cfg)
     per_worker = worker_resources(cfg, gpu)
     wait_for_resources(cfg, per_worker)
@@ -349,7 +351,7 @@ def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_fr
     metric = f"val_{cfg.eval_metric}"
     return TorchTrainer(
         worker_entry,
-        train_loop_config={"config": cfg.model_dump(mode="json"),
+        train_loop_config={"config": cfg.unresolved().model_dump(mode="json"),
                            **({"restore_from": restore_from} if restore_from else {})},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(cfg.scaling.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
@@ -450,6 +452,7 @@ def library_versions() -> dict[str, str]:
 def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, Any]:
     """Train (or resume, or report a finished) run; returns the summary."""
     started_at = started_at or time.time()
+    cfg = cfg.resolved()  # the values this driver uses; saved files and workers get the references
     run_uri = cfg.run_uri()
     with unreachable_storage_is_a_user_error():
         state = check_run_folder(cfg)
@@ -487,7 +490,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     wall = time.time() - started_at
     summary = {
         "run": cfg.run.name, "status": "completed", "resumed": state == "resume", "run_dir": run_uri,
-        "config": redact(cfg.model_dump(mode="json")), **{k: v for k, v in result.items() if k != "first_step_time"},
+        "config": config_record(cfg), **{k: v for k, v in result.items() if k != "first_step_time"},
         "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None))},
         "rows": facts["rows"], "wall_time_s": wall,
         "time_to_first_step_s": (result["first_step_time"] - started_at) if result.get("first_step_time") else None,

@@ -122,7 +122,7 @@ def run_trial(config: dict[str, Any], rs: ResolvedSweep) -> None:
     values = {k: config[k] for k in rs.spec.space}
     pointer = read_pointer(tune.get_checkpoint())
     seg = plan_segment(trial, pointer, existing_segments(rs, trial))
-    cfg = trial_config(rs, values, seg.run)
+    cfg = trial_config(rs, values, seg.run).resolved()  # ${env:...} resolved here; config.yaml keeps them
     restore_from = start_from_copy(cfg, seg, pointer) if seg.source else None
     reporter = Reporter(cfg, trial)
     saved = read_train_result(cfg)
@@ -231,7 +231,7 @@ def read_pointer(checkpoint: Any) -> dict[str, Any] | None:
 
 
 def existing_segments(rs: ResolvedSweep, trial: str) -> dict[str, str | None]:
-    cfg = rs.base_config.storage
+    cfg = rs.base_config.resolved().storage
     out: dict[str, str | None] = {}
     for name in storage.listdir(rs.trials_uri, cfg):
         m = _SEGMENT.match(name)
@@ -297,7 +297,7 @@ def reset_best_tracking(state_path: str) -> None:
 
 def check_sweep_folder(rs: ResolvedSweep, resume: bool) -> str:
     """'new' or 'resume'; refuse to mix a sweep with another spec or to start over an existing one."""
-    st = rs.base_config.storage
+    st = rs.base_config.resolved().storage
     marker = join_uri(rs.sweep_uri, SWEEP_FILE)
     exists = storage.exists(marker, st)
     if not resume:
@@ -360,7 +360,7 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
 
     started = time.time()
     spec = rs.spec
-    cfg = rs.base_config
+    cfg = rs.base_config.resolved()
     state = check_sweep_folder(rs, resume)
     prepare_data_if_needed(cfg)
     preflight(cfg)
@@ -392,7 +392,7 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
 def make_tuner(rs: ResolvedSweep, limit: int, resume: bool) -> Any:
     from ftdist.sweep_space import build_scheduler, build_searcher, param_space
 
-    cfg = rs.base_config
+    cfg = rs.base_config.resolved()
     trainable = tune.with_resources(tune.with_parameters(run_trial, rs=rs), {"cpu": 0, "memory": 1})
     fs, path = storage.pyarrow_filesystem(rs.storage_path, cfg.storage)
     exp_path = f"{path.rstrip('/')}/{rs.spec.name}"

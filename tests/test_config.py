@@ -165,3 +165,41 @@ def test_presigned_url_in_config_never_reaches_the_saved_config():
     from ftdist.config import literal_secrets
 
     assert set(literal_secrets(cfg)) == {"model.path", "data.prepare.input"}
+
+
+# --- ${env:NAME} in every string value, resolved only where used (issue 11 item 9) ------------
+
+REFS = {"run": {"name": "${env:FTDIST_T_RUN}"}, "model": {"path": "${env:FTDIST_T_MODEL}"},
+        "data": {"path": "${env:FTDIST_T_DATA}/ds"},
+        "storage": {"path": "${env:FTDIST_T_STORE}", "endpoint_url": "${env:FTDIST_T_ENDPOINT}"}}
+
+
+def test_env_refs_in_any_string_value_resolve_in_a_copy(monkeypatch, tmp_path):
+    for name, value in {"FTDIST_T_RUN": "exp-1", "FTDIST_T_MODEL": "s3://models/m", "FTDIST_T_DATA": str(tmp_path),
+                        "FTDIST_T_STORE": "s3://bucket/runs", "FTDIST_T_ENDPOINT": "http://127.0.0.1:9"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(data=REFS)
+    assert cfg.data.path == "${env:FTDIST_T_DATA}/ds"  # not made "absolute" under the current directory
+    r = cfg.resolved()
+    assert (r.run.name, r.model.path, r.data.path) == ("exp-1", "s3://models/m", f"{tmp_path}/ds")
+    assert (r.storage.path, r.storage.endpoint_url, r.run_uri()) == ("s3://bucket/runs", "http://127.0.0.1:9",
+                                                                      "s3://bucket/runs/exp-1")
+    assert r.fingerprint() == cfg.fingerprint()  # the fingerprint is of the references, on both copies
+    text = dump_config(r)  # what the run folder keeps: the references, never their values
+    assert "${env:FTDIST_T_MODEL}" in text and "s3://models/m" not in text and "exp-1" not in text
+    assert cfg.model.path == "${env:FTDIST_T_MODEL}"  # the original is untouched
+
+
+def test_unset_env_ref_is_one_line_user_error_naming_it(monkeypatch):
+    monkeypatch.delenv("FTDIST_T_MODEL", raising=False)
+    cfg = load_config(data={**BASE, "model": {"path": "${env:FTDIST_T_MODEL}"}})
+    with pytest.raises(UserError) as e:
+        cfg.resolved()
+    assert "FTDIST_T_MODEL is not set" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_env_ref_value_is_validated_after_resolution(monkeypatch):
+    monkeypatch.setenv("FTDIST_T_RUN", "no spaces allowed")
+    cfg = load_config(data={**BASE, "run": {"name": "${env:FTDIST_T_RUN}"}})
+    with pytest.raises(UserError, match="run.name"):
+        cfg.resolved()

@@ -3,6 +3,7 @@ grep of every file it produced (stdout/stderr, Ray's session logs, the run folde
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,36 @@ def test_no_secret_in_any_output(s3_server, s3_bucket, tiny_bert, cls_data, tmp_
         from test_cli import kill_processes_mentioning
 
         kill_processes_mentioning(ray_tmp)
+
+
+def test_env_refs_in_paths_resolve_where_used_and_stay_references(tiny_bert, cls_data, tmp_path):
+    """README: any string value may be ``${env:NAME}``. storage.path, model.path and data.path are
+    references here; the run completes, and what it saved still holds the references."""
+    from ftdist.config import load_config
+
+    cfg = base_config("${env:FTDIST_E2E_MODEL}", "${env:FTDIST_E2E_DATA}", "${env:FTDIST_E2E_RUNS}",
+                      run={"name": "envrefs"}, train={"epochs": 1, "max_steps_per_epoch": 3},
+                      scaling={"num_workers": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runs = tmp_path / "elsewhere" / "runs"
+    ray_tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "FTDIST_E2E_MODEL": tiny_bert, "FTDIST_E2E_DATA": cls_data,
+           "FTDIST_E2E_RUNS": str(runs)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ftdist", "train", str(path)], capture_output=True, text=True,
+                              env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        from test_cli import kill_processes_mentioning
+
+        kill_processes_mentioning(ray_tmp)
+    run = runs / "envrefs"
+    saved = (run / "config.yaml").read_text()
+    for name in ("FTDIST_E2E_MODEL", "FTDIST_E2E_DATA", "FTDIST_E2E_RUNS"):
+        assert "${env:" + name + "}" in saved
+    assert tiny_bert not in saved and cls_data not in saved and str(runs) not in saved
+    marker = json.loads((run / "ftdist_run.json").read_text())
+    assert marker["fingerprint"] == load_config(path).fingerprint() == load_config(run / "config.yaml").fingerprint()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["config"]["model"]["path"] == "${env:FTDIST_E2E_MODEL}"
