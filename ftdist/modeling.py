@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ftdist import storage
@@ -13,6 +15,7 @@ from ftdist.config import ModelSection, StorageSection, redact_uri
 from ftdist.errors import UserError
 
 log = logging.getLogger(__name__)
+COMPLETE_MARKER = ".ftdist-complete"
 CACHE_DIR = os.environ.get("FTDIST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ftdist"))
 
 
@@ -23,22 +26,11 @@ def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
             cfg = StorageSection()
         key = hashlib.sha256(path.encode()).hexdigest()[:16]
         dest = os.path.join(CACHE_DIR, "models", key)
-        done = os.path.join(dest, ".ftdist-complete")
-        if not os.path.exists(done):
-            if not storage.listdir(path, cfg):  # before anything is written to the cache
-                raise UserError(f"model '{redact_uri(path)}' does not exist (nothing under that prefix); "
-                                f"check model.path (and storage.endpoint_url)")
-            tmp = f"{dest}.partial-{os.getpid()}"
-            storage.download_dir(path, tmp, cfg)
-            if not os.path.exists(os.path.join(tmp, "config.json")) and not os.path.exists(
-                    os.path.join(tmp, "tokenizer_config.json")):
-                raise UserError(f"model '{redact_uri(path)}' has no config.json/tokenizer_config.json; "
-                                f"point model.path at a save_pretrained() folder")
-            open(os.path.join(tmp, ".ftdist-complete"), "w").close()
-            if os.path.exists(dest):
-                import shutil
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+        if not os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+            with _node_lock(dest + ".lock"):
+                # Re-checked under the lock: another worker of this node may have finished meanwhile.
+                if not os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+                    _download_model(path, dest, cfg)
         return dest
     if path.startswith(("pkg://", "file://")) or os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
         local = storage.local_path(path)
@@ -47,6 +39,48 @@ def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
                             f"s3://bucket/prefix, pkg://package/folder or a hub id")
         return local
     return path  # a hub id; from_pretrained resolves it (offline: from the HF cache only)
+
+
+@contextlib.contextmanager
+def _node_lock(lock_path: str) -> Iterator[None]:
+    """An exclusive lock among the processes of this node (``flock`` on a file next to the cache entry).
+
+    Why: workers sharing a node start together with a cold cache; without it each downloaded the
+    model and replaced the folder another worker was already loading from."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_model(path: str, dest: str, cfg: StorageSection) -> None:
+    """Fetch ``path`` into a private folder, check it, and publish it at ``dest`` in one rename.
+
+    Called under the node lock; a folder at ``dest`` without the complete marker is what a crashed
+    download left behind, never a folder anyone loads from, so removing it is safe."""
+    import shutil
+
+    if not storage.listdir(path, cfg):  # before anything is written to the cache
+        raise UserError(f"model '{redact_uri(path)}' does not exist (nothing under that prefix); "
+                        f"check model.path (and storage.endpoint_url)")
+    tmp = f"{dest}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        storage.download_dir(path, tmp, cfg)
+        if not os.path.exists(os.path.join(tmp, "config.json")) and not os.path.exists(
+                os.path.join(tmp, "tokenizer_config.json")):
+            raise UserError(f"model '{redact_uri(path)}' has no config.json/tokenizer_config.json; "
+                            f"point model.path at a save_pretrained() folder")
+        open(os.path.join(tmp, COMPLETE_MARKER), "w").close()
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hub_error(path: str, e: Exception) -> UserError:
