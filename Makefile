@@ -2,8 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel first: the package's own `torch>=2.4` is then already met and pip never pulls a CUDA build.
+# torch first, so the package's own `torch>=2.4` is already met when ftdist is installed.
+# Which build pip picks for TORCH_SPEC depends on where it looks: PyPI's Linux wheel is the CUDA build
+# (several GB). For the CPU build on an ordinary machine, name PyTorch's CPU wheel index:
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Left empty, pip uses its own settings (this project's CI machines supply a local CPU wheel that way).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE = 1
@@ -16,7 +22,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	# constraints.txt pins the versions tested here: reproducible, and it spares pip's resolver
 	# a long backtrack through boto3/botocore/aiobotocore releases (the package keeps ranges).
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
