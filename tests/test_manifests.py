@@ -5,7 +5,7 @@ than as a pod stuck in Pending on a GPU node that costs money by the hour:
 
 - each kustomize overlay is rendered by a small pure-Python renderer (cross-checked against
   ``kubectl kustomize`` where kubectl exists) and every RayCluster/RayJob is validated strictly
-  against the KubeRay CRD's OpenAPI schema (``../shared/kuberay-crds`` or ``$KUBERAY_CRD_DIR``);
+  against the KubeRay CRD's OpenAPI schema (``tests/data/kuberay-crds``, vendored, or ``$KUBERAY_CRD_DIR``);
 - safety properties: Guaranteed QoS (requests == limits), /dev/shm in memory, pinned images,
   non-root, secrets only by reference, dashboard never exposed outside the cluster;
 - every ftdist run config shipped (ConfigMaps, cluster/jobs/*.yaml) loads with ftdist's schema;
@@ -15,6 +15,7 @@ than as a pod stuck in Pending on a GPU node that costs money by the hour:
 from __future__ import annotations
 
 import copy
+import gzip
 import os
 import re
 import shutil
@@ -254,20 +255,26 @@ def schema_errors(value: Any, schema: Obj, path: str = "") -> list[str]:
     return errs
 
 
-def crd_dir() -> Path | None:
-    candidates = [Path(os.environ["KUBERAY_CRD_DIR"])] if os.environ.get("KUBERAY_CRD_DIR") else []
-    candidates.append(ROOT.parent / "shared" / "kuberay-crds")
-    return next((c for c in candidates if (c / "ray.io_rayclusters.yaml").is_file()), None)
+def crd_dir() -> Path:
+    """``$KUBERAY_CRD_DIR`` if set, else the copy vendored with the tests (always there: no skip)."""
+    if os.environ.get("KUBERAY_CRD_DIR"):
+        return Path(os.environ["KUBERAY_CRD_DIR"])
+    return ROOT / "tests" / "data" / "kuberay-crds"
+
+
+def read_crd(d: Path, fname: str) -> str:
+    plain = d / fname
+    if plain.is_file():
+        return plain.read_text()
+    return gzip.decompress((d / f"{fname}.gz").read_bytes()).decode()
 
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[str, Obj]:
     d = crd_dir()
-    if d is None:
-        pytest.skip("KubeRay CRDs not found at ../shared/kuberay-crds or $KUBERAY_CRD_DIR: schema validation skipped")
     out = {}
     for kind, fname in (("RayCluster", "ray.io_rayclusters.yaml"), ("RayJob", "ray.io_rayjobs.yaml")):
-        crd = yaml.load((d / fname).read_text(), Loader=Loader)
+        crd = yaml.load(read_crd(d, fname), Loader=Loader)
         schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
         schema = copy.deepcopy(schema)
         schema["properties"]["metadata"] = OBJECT_META
