@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# DEMO_ARGS: extra arguments, e.g. DEMO_ARGS="--set train.epochs=1" (the tests pass tiny overrides).
 demo: $(STAMP)
-	$(BIN)/ftdist train cluster/jobs/demo.yaml
+	$(BIN)/ftdist train cluster/jobs/demo.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests

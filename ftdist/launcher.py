@@ -113,12 +113,33 @@ def quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_library_noise() -> None:
+    """Hide library output a user cannot act on, in this process: the demo printed it between
+    ftdist's own lines on every worker.
+
+    - torch's FutureWarning that ``all_gather_into_tensor``/``reduce_scatter_tensor`` are deprecated
+      (DeepSpeed calls them; nothing in a config changes that);
+    - transformers' "Writing model shards" / "Loading weights" progress bars (the export and the
+      model load take a second or two; ftdist reports both itself).
+    Warnings that say something a user can fix are left alone.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`"
+                                              r" is deprecated", category=FutureWarning)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def worker_entry(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer."""
     from ftdist.loop import train_worker
 
     logging.basicConfig(level=logging.WARNING)
     quiet_ray_train_logs()
+    quiet_library_noise()
     # The config arrives with its ${env:...} references (never their values): resolve them here.
     cfg = RunConfig.model_validate(config["config"]).resolved()
     train_worker(cfg, RaySession(cfg, config.get("restore_from")))
@@ -265,6 +286,9 @@ def connect_ray(cfg: RunConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    # Ray warns that the local cluster it starts uses token authentication: ftdist's private cluster
+    # on 127.0.0.1 needs no action from the user, so the warning only interrupts the run's output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A rank that stops responding fails the run after collective_timeout_s (Ray Train's worker
     # health check; DeepSpeed's CPU shared-memory allreduce has no timeout of its own). On a
     # cluster, set RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S in the cluster's environment.
