@@ -184,6 +184,16 @@ class RunConfig(Section):
                              f"choose one of {', '.join(metrics)}")
         return self
 
+    @model_validator(mode="after")
+    def _fp16_loss_scaling(self) -> "RunConfig":
+        # Checked here too (the workers' resolve_precision has the why): refused before Ray starts.
+        if (self.train.precision == "fp16" and self.deepspeed.mixed_precision == "torch_autocast"
+                and self.deepspeed.zero_stage >= 1):
+            raise ValueError("train.precision fp16 with deepspeed.mixed_precision torch_autocast has loss scaling "
+                             "only at deepspeed.zero_stage 0; use bf16, zero_stage 0, or deepspeed.mixed_precision: "
+                             "deepspeed")
+        return self
+
     # The metric that picks the best checkpoint, drives early stopping and is Tune's default.
     @property
     def eval_metric(self) -> str:

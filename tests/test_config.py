@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ftdist.config import dump_config, load_config, redact, resolve_env_refs
 from ftdist.errors import UserError
@@ -203,3 +204,18 @@ def test_env_ref_value_is_validated_after_resolution(monkeypatch):
     cfg = load_config(data={**BASE, "run": {"name": "${env:FTDIST_T_RUN}"}})
     with pytest.raises(UserError, match="run.name"):
         cfg.resolved()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_without_loss_scaling_is_refused_before_anything_starts(stage, capsys, tmp_path):
+    from ftdist.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"path": "d"},
+                                    "train": {"precision": "fp16"}, "deepspeed": {"zero_stage": stage}}))
+    assert main(["config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16" in err[0] and "zero_stage" in err[0], err
+    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"path": "d"},
+                                    "train": {"precision": "fp16"}, "deepspeed": {"zero_stage": 0}}))
+    assert main(["config", str(path)]) == 0
