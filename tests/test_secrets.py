@@ -91,3 +91,16 @@ def test_env_refs_in_paths_resolve_where_used_and_stay_references(tiny_bert, cls
     assert marker["fingerprint"] == load_config(path).fingerprint() == load_config(run / "config.yaml").fingerprint()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["config"]["model"]["path"] == "${env:FTDIST_E2E_MODEL}"
+
+
+def test_a_presigned_input_url_is_recorded_without_its_signature():
+    """``data.prepare.input`` may be a presigned URL; the manifest's record of how the data set was
+    built (compared on reuse) must not carry its signature."""
+    from ftdist.config import PrepareSection
+    from ftdist.data.prepare import spec_record
+
+    url = ("https://bucket.s3.amazonaws.com/raw/t.jsonl?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+           "&X-Amz-Credential=AKIAFTDISTFAKE0002%2F20261129&X-Amz-Signature=ftdistfakesig0002")
+    record = json.dumps(spec_record(PrepareSection(input=url), "sequence-classification", 42, 64))
+    assert "ftdistfakesig0002" not in record and "AKIAFTDISTFAKE0002" not in record
+    assert "bucket.s3.amazonaws.com/raw/t.jsonl" in record

@@ -220,7 +220,9 @@ def spec_record(spec: PrepareSection, task: str, seed: int, max_length: int) -> 
     """What the manifest records about how a data set was built (compared on reuse)."""
     label = spec.label_field if task == "sequence-classification" else None
     # Raw-text data sets are tokenized at read time: data.max_length may change without a rebuild.
-    return spec.model_dump(mode="json") | {"label_field": label, "seed": seed,
+    # The input is recorded redacted (a presigned URL's signature must not live in the data set);
+    # both sides of the reuse comparison go through here, so they compare redacted too.
+    return spec.model_dump(mode="json") | {"input": redact_uri(spec.input), "label_field": label, "seed": seed,
                                            "max_length": max_length if spec.tokenize else None}
 
 
