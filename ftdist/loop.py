@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import sys
 import tempfile

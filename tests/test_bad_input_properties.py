@@ -17,7 +17,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 import shutil
 import string
 import time
@@ -29,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import base_config, synthetic_rows
+from conftest import base_config
 from ftdist.cli import main
 
 MIN_CASES = 500

@@ -1,6 +1,5 @@
 """The reader's epoch plan: exactly-once partitioning, equal batch counts, determinism (pure)."""
 
-import itertools
 
 import pytest
 
