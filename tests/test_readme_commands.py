@@ -1,0 +1,223 @@
+"""Every command the README shows is run by a test, as written, with small overrides appended.
+
+`test_every_readme_command_has_a_test` reads the README's ```bash blocks: a command added there
+without an entry in ``COVERED`` fails the suite. The slow tests run the commands from a scratch
+folder that holds `cluster/` and `tune/` like the repository root, with a tiny model, a small data
+sample and short epochs (the ``--set`` values after the README's own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, synthetic_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+# README command (as printed, comments dropped, continuation lines joined) -> the test that runs it.
+COVERED = {
+    "git clone <this repo> ftdist && cd ftdist": "CI: .ci/run starts from a clean clone",
+    "make demo": "test_make_demo_runs_the_demo_config",
+    "make test": "CI: .ci/run is make test",
+    "ftdist train cluster/jobs/demo.yaml --set train.learning_rate=3e-5 --set scaling.num_workers=2":
+        "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
+    "ftdist config cluster/jobs/demo.yaml --set train.epochs=5": "test_config_and_python_dash_m",
+    "ftdist data prepare --input s3://corp/raw/tickets.jsonl --output s3://corp/ds/tickets --model bert-base-uncased "
+    "--text-field text --label-field label --split 0.8,0.1,0.1 --rows-per-shard 20000": "test_data_prepare_from_s3_to_s3",
+    "python -m ftdist ...": "test_config_and_python_dash_m",
+    "ftdist tune tune/demo-asha.yaml": "test_demo_sweeps_and_resume",
+    "ftdist tune tune/demo-asha.yaml --set num_samples=4 --set train.max_steps_per_epoch=20":
+        "test_demo_sweeps_and_resume",
+    "ftdist tune tune/demo-asha.yaml --resume": "test_demo_sweeps_and_resume",
+    "ftdist tune tune/demo-pbt.yaml": "test_demo_sweeps_and_resume",
+    "ftdist submit cluster/jobs/gpu-bert.yaml --address http://HEAD:8265 --follow [--set ...] [--env NAME=value]":
+        "test_cluster_commands_against_ray_start",
+}
+# Inline commands of the cluster section (not in ```bash blocks) and where they are exercised.
+INLINE = {
+    "ray job submit --address http://HEAD:8265 --working-dir . -- ftdist train cluster/jobs/demo.yaml":
+        "test_cluster_commands_against_ray_start",
+    "kubectl apply -k k8s/overlays/gpu": "tests/test_manifests.py (kustomize rendering, CRD schemas)",
+    "ray up cluster/aws-gpu.yaml": "tests/test_manifests.py (Ray's own cluster-config validation)",
+}
+
+
+def readme_commands() -> list[str]:
+    """Commands in the README's ```bash blocks (indented blocks too)."""
+    text = (REPO / "README.md").read_text()
+    out: list[str] = []
+    for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                out.append(" ".join(line.split()))
+    return out
+
+
+def test_every_readme_command_has_a_test():
+    commands = readme_commands()
+    assert len(commands) >= 10
+    missing = [c for c in commands if c not in COVERED]
+    assert not missing, f"README commands without a test (add one and an entry in COVERED): {missing}"
+    stale = [c for c in COVERED if c not in commands]
+    assert not stale, f"COVERED names commands the README no longer shows: {stale}"
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert all(c in text for c in INLINE), [c for c in INLINE if c not in text]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running them
+
+NOISE = ("FutureWarning", "Writing model shards", "Loading weights", "Token authentication is enabled",
+         "Traceback")
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    """A scratch 'repository root': the shipped cluster/ and tune/ folders, nothing else."""
+    for name in ("cluster", "tune"):
+        shutil.copytree(REPO / name, tmp_path / name)
+    return tmp_path
+
+
+def _small(tiny_bert: str, *extra: str) -> list[str]:
+    """--set arguments that shrink the demo config: tiny model, 300-row sample, 2 steps, 1 epoch."""
+    keys = [f"model.path={tiny_bert}", "data.prepare.limit=300", "train.epochs=1", "train.max_steps_per_epoch=2",
+            *extra]
+    return [a for kv in keys for a in ("--set", kv)]
+
+
+def _ftdist(workdir: Path, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*args, cwd=str(workdir), timeout=timeout, env=env)
+
+
+def _ray_env(workdir: Path) -> dict:
+    import tempfile
+
+    return {"RAY_TMPDIR": tempfile.mkdtemp(prefix="rr", dir="/tmp")}  # short: AF_UNIX socket paths
+
+
+def _cleanup(env: dict) -> None:
+    from test_cli import kill_processes_mentioning
+
+    kill_processes_mentioning(env["RAY_TMPDIR"])
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tiny_bert):
+    env = _ray_env(workdir)
+    try:
+        p = _ftdist(workdir, "train", "cluster/jobs/demo.yaml", "--set", "train.learning_rate=3e-5", "--set",
+                    "scaling.num_workers=2", *_small(tiny_bert), env=env)
+    finally:
+        _cleanup(env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    summary = json.loads((workdir / "runs" / "demo" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["config"]["train"]["learning_rate"] == 3e-5
+    assert "[ftdist] preparing data set" in out and "run 'demo' (2 worker(s)" in out and "exported model:" in out
+    noise = [n for n in NOISE if n in out]
+    assert not noise, f"library noise in the demo's output: {noise}\n{out[-4000:]}"
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_demo_config(workdir, tiny_bert):
+    """`make demo` (the venv exists already: make only runs the demo), with DEMO_ARGS shrinking it."""
+    env = {**os.environ, **_ray_env(workdir)}
+    small = " ".join(_small(tiny_bert, f"storage.path={workdir / 'runs'}", f"data.path={workdir / 'data'}"))
+    try:
+        p = subprocess.run(["make", "demo", f"DEMO_ARGS={small}", f"BIN={Path(sys.executable).parent}",
+                            "STAMP=pyproject.toml"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        _cleanup(env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "run 'demo'" in p.stdout and (workdir / "runs" / "demo" / "model" / "ftdist_export.json").exists()
+
+
+def test_config_and_python_dash_m(workdir):
+    p = _ftdist(workdir, "config", "cluster/jobs/demo.yaml", "--set", "train.epochs=5", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import yaml
+
+    shown = yaml.safe_load(p.stdout)
+    assert shown["train"]["epochs"] == 5 and shown["data"]["prepare"]["tokenize"] is True
+    # `python -m ftdist ...` is the same CLI (run_cli itself runs `python -m ftdist`); and the entry point:
+    q = subprocess.run([str(Path(sys.executable).parent / "ftdist"), "config", "cluster/jobs/demo.yaml", "--set",
+                        "train.epochs=5"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0 and q.stdout == p.stdout
+
+
+@pytest.mark.slow
+def test_data_prepare_from_s3_to_s3(workdir, s3_server, tiny_bert):
+    """The README's command against an S3 server on loopback; `bert-base-uncased` (a hub id, offline
+    here) is replaced by a local model folder with the same kind of tokenizer."""
+    fs = s3_server.fs()
+    fs.mkdir("corp")
+    write_jsonl(workdir / "tickets.jsonl", synthetic_rows(200))
+    fs.put(str(workdir / "tickets.jsonl"), "corp/raw/tickets.jsonl")
+    p = _ftdist(workdir, "data", "prepare", "--input", "s3://corp/raw/tickets.jsonl", "--output", "s3://corp/ds/tickets",
+                "--model", tiny_bert, "--text-field", "text", "--label-field", "label", "--split", "0.8,0.1,0.1",
+                "--rows-per-shard", "20000", env={"AWS_ENDPOINT_URL": s3_server.endpoint}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout.strip().splitlines()[-1])
+    assert sum(s["rows"] for s in printed["splits"].values()) == 200
+    assert fs.exists("corp/ds/tickets/train/manifest.json") and fs.exists("corp/ds/tickets/test/manifest.json")
+
+
+@pytest.mark.slow
+def test_demo_sweeps_and_resume(workdir, tiny_bert):
+    env = _ray_env(workdir)
+    small = _small(tiny_bert, "train.epochs=2", "num_samples=2")
+    try:
+        asha = ["--set", "num_samples=4", "--set", "train.max_steps_per_epoch=20", *small]
+        p = _ftdist(workdir, "tune", "tune/demo-asha.yaml", *asha, env=env, timeout=900)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        d = workdir / "runs" / "sweeps" / "demo-asha"
+        s = json.loads((d / "sweep_summary.json").read_text())
+        assert s["num_trials"] == 2 and s["status"] == "completed" and (d / "best_model").is_dir()
+        # --resume with the same spec and overrides (another spec is refused)
+        r = _ftdist(workdir, "tune", "tune/demo-asha.yaml", "--resume", *asha, env=env, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        again = json.loads((d / "sweep_summary.json").read_text())
+        assert again["resumed"] is True and again["epochs_trained"] == s["epochs_trained"]  # nothing retrained
+        q = _ftdist(workdir, "tune", "tune/demo-pbt.yaml", *small, env=env, timeout=900)
+        assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
+        pbt = json.loads((workdir / "runs" / "sweeps" / "demo-pbt" / "sweep_summary.json").read_text())
+        assert pbt["status"] == "completed" and pbt["best"] is not None
+    finally:
+        _cleanup(env)
+
+
+@pytest.mark.slow
+def test_cluster_commands_against_ray_start(workdir, tiny_bert, cls_data):
+    """`ray job submit ... -- ftdist train cluster/jobs/demo.yaml` and `ftdist submit
+    cluster/jobs/gpu-bert.yaml ...` against a real `ray start --head`, both shrunk to CPU and tiny
+    sizes (gpu-bert.yaml reads S3 and asks for GPUs: its data, storage and GPU keys are overridden)."""
+    from test_cluster import ray_cluster
+
+    ray = str(Path(sys.executable).parent / "ray")
+    with ray_cluster(second_node=False) as cluster:
+        entry = ["ftdist", "train", "cluster/jobs/demo.yaml", *_small(tiny_bert, "scaling.num_workers=1",
+                                                                      f"storage.path={workdir / 'runs'}",
+                                                                      f"data.path={workdir / 'data'}")]
+        p = subprocess.run([ray, "job", "submit", "--address", cluster["address"], "--working-dir", ".", "--", *entry],
+                           cwd=workdir, env=cluster["env"], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and re.search(r"Job '\S+' succeeded", p.stdout), (p.stdout + p.stderr)[-4000:]
+        assert (workdir / "runs" / "demo" / "summary.json").exists()
+        gpu = ["model.path=" + tiny_bert, f"data.path={cls_data}", f"storage.path={workdir / 'runs'}",
+               "scaling.use_gpu=false", "scaling.num_workers=1", "scaling.gpus_per_worker=0", "scaling.cpus_per_worker=1",
+               "train.precision=fp32", "train.epochs=1", "train.max_steps_per_epoch=2", "deepspeed.zero_stage=0"]
+        q = run_cli("submit", "cluster/jobs/gpu-bert.yaml", "--address", cluster["address"], "--follow",
+                    *[a for kv in gpu for a in ("--set", kv)], "--env", "HF_HUB_OFFLINE=1",
+                    cwd=str(workdir), env=cluster["env"], timeout=600)
+        assert q.returncode == 0 and "finished: SUCCEEDED" in q.stdout, (q.stdout + q.stderr)[-4000:]
