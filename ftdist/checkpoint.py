@@ -47,7 +47,9 @@ class TrainState:
 
 
 def checkpoint_name(state: TrainState) -> str:
-    return f"epoch{state.epoch:03d}-batch{state.batch:06d}-step{state.global_step:08d}"
+    from ftdist import run_folder
+
+    return run_folder.checkpoint_name(state.epoch, state.batch, state.global_step)
 
 
 def save(engine: Any, state: TrainState, rank: int, directory: str, record_samples: bool) -> None:

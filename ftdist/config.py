@@ -346,7 +346,7 @@ def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | 
     raw = copy.deepcopy(data) if data is not None else read_yaml(path)  # type: ignore[arg-type]
     for item in overrides or []:
         key, value = parse_override(item)
-        if key not in KNOWN_PATHS and not _is_free_dict_key(key):
+        if key not in KNOWN_PATHS and not is_free_dict_key(key):
             raise UserError(f"--set: unknown key '{key}'{did_you_mean(key)}")
         set_dotted(raw, key, value)
     return raw
@@ -406,7 +406,9 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _is_free_dict_key(key: str) -> bool:
+def is_free_dict_key(key: str) -> bool:
+    """A dotted key inside a free-form mapping (raw DeepSpeed keys, fsspec options, custom resources),
+    which the schema cannot list: ``--set`` and sweep spaces accept any name there."""
     return any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig, config_record, dump_config, join_uri, redact_uri
 from ftdist.storage import classify
@@ -31,9 +32,6 @@ from ftdist.errors import RunFailed, StorageUnavailable, UserError
 from ftdist.metrics import majority_baseline
 
 log = logging.getLogger("ftdist")
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-RUN_FILE = "ftdist_run.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
 def check_run_folder(cfg: RunConfig) -> str:
     """'new', 'resume' or 'completed'; refuse a folder that another config made."""
     run_uri = cfg.run_uri()
-    marker = join_uri(run_uri, RUN_FILE)
+    marker = join_uri(run_uri, layout.RUN_MARKER)
     if not storage.exists(marker, cfg.storage):
         if storage.listdir(run_uri, cfg.storage):
             raise UserError(f"run folder '{run_uri}' exists but was not made by ftdist; choose another run.name "
@@ -217,8 +215,8 @@ def check_run_folder(cfg: RunConfig) -> str:
         raise UserError(f"run folder '{run_uri}' was made by a different config (differs in: "
                         f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
                         f"restore the original config to resume")
-    if storage.exists(join_uri(run_uri, SUMMARY_FILE), cfg.storage):
-        read_json(join_uri(run_uri, SUMMARY_FILE), cfg)  # a corrupt summary is one line, not a traceback
+    if storage.exists(join_uri(run_uri, layout.SUMMARY), cfg.storage):
+        read_json(join_uri(run_uri, layout.SUMMARY), cfg)  # a corrupt summary is one line, not a traceback
         return "completed"
     check_same_world_size(info, cfg, run_uri)
     return "resume"
@@ -253,8 +251,8 @@ def read_json(uri: str, cfg: RunConfig) -> dict[str, Any]:
 def write_run_marker(cfg: RunConfig) -> None:
     """``config.yaml`` and ``ftdist_run.json``: what made this run folder (resume vs another config)."""
     run_uri = cfg.run_uri()
-    storage.write_text(join_uri(run_uri, CONFIG_FILE), dump_config(cfg), cfg.storage)
-    storage.write_text(join_uri(run_uri, RUN_FILE), json.dumps({
+    storage.write_text(join_uri(run_uri, layout.CONFIG), dump_config(cfg), cfg.storage)
+    storage.write_text(join_uri(run_uri, layout.RUN_MARKER), json.dumps({
         "fingerprint": cfg.fingerprint(), "created": time.time(), "num_workers": cfg.scaling.num_workers,
         "config": config_record(cfg, exclude={"scaling": True, "storage": True})}, indent=1),
         cfg.storage)
@@ -481,9 +479,9 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     with unreachable_storage_is_a_user_error():
         state = check_run_folder(cfg)
         if state == "completed":
-            summary = read_json(join_uri(run_uri, SUMMARY_FILE), cfg)
+            summary = read_json(join_uri(run_uri, layout.SUMMARY), cfg)
             print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
-                  f"{join_uri(run_uri, SUMMARY_FILE)})")
+                  f"{join_uri(run_uri, layout.SUMMARY)})")
             return summary
         prepare_data_if_needed(cfg)
         facts = preflight(cfg)
@@ -508,9 +506,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
             raise
         raise RunFailed(f"run '{cfg.run.name}' failed: {why}; completed checkpoints are kept in {run_uri}: "
                         f"rerun the same command to resume from the latest") from e
-    from ftdist.loop import RESULT_FILE
-
-    result = json.loads(storage.read_text(join_uri(run_uri, RESULT_FILE), cfg.storage))
+    result = json.loads(storage.read_text(join_uri(run_uri, layout.RESULT), cfg.storage))
     wall = time.time() - started_at
     summary = {
         "run": cfg.run.name, "status": "completed", "resumed": state == "resume", "run_dir": run_uri,
@@ -518,10 +514,10 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None))},
         "rows": facts["rows"], "wall_time_s": wall,
         "time_to_first_step_s": (result["first_step_time"] - started_at) if result.get("first_step_time") else None,
-        "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if n.startswith("epoch")),
+        "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if layout.is_checkpoint(n)),
         "versions": library_versions(),
     }
-    storage.write_text(join_uri(run_uri, SUMMARY_FILE), json.dumps(summary, indent=1), cfg.storage)
+    storage.write_text(join_uri(run_uri, layout.SUMMARY), json.dumps(summary, indent=1), cfg.storage)
     return summary
 
 
@@ -549,5 +545,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  wall time {summary['wall_time_s']:.0f}s"
                  + (f", first step after {summary['time_to_first_step_s']:.0f}s" if summary.get("time_to_first_step_s") else ""))
     lines.append(f"  exported model: {summary['model_uri']}")
-    lines.append(f"  summary: {join_uri(summary['run_dir'], SUMMARY_FILE)}")
+    lines.append(f"  summary: {join_uri(summary['run_dir'], layout.SUMMARY)}")
     return "\n".join(lines)

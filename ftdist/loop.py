@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ftdist import checkpoint as ckpt
+from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
@@ -38,8 +39,6 @@ from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_
 from ftdist.session import Session
 
 log = logging.getLogger("ftdist")
-RESULT_FILE = "train_result.json"
-PREDICTIONS_FILE = "test_predictions.jsonl"
 
 
 @dataclass
@@ -356,7 +355,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     _log(s, "test: " + ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
     from ftdist.export import export_model
 
-    model_uri = join_uri(cfg.run_uri(), "model")
+    model_uri = join_uri(cfg.run_uri(), layout.MODEL)
     export_model(s.engine, cfg, s.tokenizer, model_uri, session.rank,
                  extra={"best_epoch": state.best_epoch, "test": test, "label_names": s.label_names})
     node_ids: list[Any] = [session.node_id()]
@@ -373,9 +372,9 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
     }
-    storage.write_text(join_uri(cfg.run_uri(), RESULT_FILE), json.dumps(result, indent=1), cfg.storage)
+    storage.write_text(join_uri(cfg.run_uri(), layout.RESULT), json.dumps(result, indent=1), cfg.storage)
     if preds:
-        storage.write_text(join_uri(cfg.run_uri(), PREDICTIONS_FILE),
+        storage.write_text(join_uri(cfg.run_uri(), layout.PREDICTIONS),
                            "".join(json.dumps({"sample_id": i, "prediction": p}) + "\n" for i, p in preds), cfg.storage)
     return result
 

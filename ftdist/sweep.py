@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -41,23 +40,18 @@ from typing import Any
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
-from ftdist import storage
+from ftdist import run_folder as layout
+from ftdist import storage, sweep_folder
 from ftdist.checkpoint import STATE_FILE
 from ftdist.config import RunConfig, join_uri
 from ftdist.errors import UserError
 from ftdist.sweep_spec import ResolvedSweep, dump_spec, trial_config, warmup_note
 
-SWEEP_FILE = "ftdist_sweep.json"  # fingerprint: resume vs "another spec"
-SPEC_FILE = "sweep.yaml"  # the resolved spec and base config (secrets redacted)
-POINTER_FILE = "ftdist_pointer.json"  # the content of every Tune checkpoint
-SEGMENT_FILE = "pbt_restore.json"  # in a PBT segment's run folder: what it was started from
-INIT_CHECKPOINT = "pbt_init"  # the copied checkpoint a PBT segment starts from
-_SEGMENT = re.compile(r"^(?P<trial>.+)-pbt(?P<n>\d+)$")
-
-
-def trial_name(trial: Any) -> str:
-    """Trial and run folder name (module level: Tune pickles it into its experiment state)."""
-    return f"trial_{trial.trial_id}"
+# Sweep-folder names live in ftdist.sweep_folder; trial_name stays importable from here too, since
+# Tune pickled it by this module's path into the experiment state of sweeps started before the move.
+from ftdist.sweep_folder import (INIT_CHECKPOINT, POINTER as POINTER_FILE, SEGMENT as _SEGMENT,  # noqa: E402
+                                 SEGMENT_MARKER as SEGMENT_FILE, SPEC as SPEC_FILE, SWEEP_MARKER as SWEEP_FILE,
+                                 trial_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +123,10 @@ def run_trial(config: dict[str, Any], rs: ResolvedSweep) -> None:
     if saved is not None:  # finished before the sweep driver was interrupted: report, do not retrain
         reporter.finish(saved)
         return
-    if not storage.exists(join_uri(cfg.run_uri(), "config.yaml"), cfg.storage):
+    if not storage.exists(join_uri(cfg.run_uri(), layout.CONFIG), cfg.storage):
         from ftdist.config import dump_config
 
-        storage.write_text(join_uri(cfg.run_uri(), "config.yaml"), dump_config(cfg), cfg.storage)
+        storage.write_text(join_uri(cfg.run_uri(), layout.CONFIG), dump_config(cfg), cfg.storage)
     reporter.run(restore_from)
 
 
@@ -177,7 +171,7 @@ class Reporter:
             raise (ue or failure[0])
         saved = read_train_result(cfg)
         if saved is None:
-            raise RuntimeError(f"trial run {cfg.run.name} ended without {_result_file()}")
+            raise RuntimeError(f"trial run {cfg.run.name} ended without {layout.RESULT}")
         self.finish(saved)
 
     def finish(self, result: dict[str, Any]) -> None:
@@ -208,14 +202,8 @@ class Reporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _result_file() -> str:
-    from ftdist.loop import RESULT_FILE
-
-    return RESULT_FILE
-
-
 def read_train_result(cfg: RunConfig) -> dict[str, Any] | None:
-    uri = join_uri(cfg.run_uri(), _result_file())
+    uri = join_uri(cfg.run_uri(), layout.RESULT)
     return json.loads(storage.read_text(uri, cfg.storage)) if storage.exists(uri, cfg.storage) else None
 
 
@@ -231,26 +219,12 @@ def read_pointer(checkpoint: Any) -> dict[str, Any] | None:
 
 
 def existing_segments(rs: ResolvedSweep, trial: str) -> dict[str, str | None]:
-    cfg = rs.base_config.resolved().storage
-    out: dict[str, str | None] = {}
-    for name in storage.listdir(rs.trials_uri, cfg):
-        m = _SEGMENT.match(name)
-        if name == trial:
-            out[name] = None
-        elif m and m["trial"] == trial:
-            marker = join_uri(rs.trials_uri, name, SEGMENT_FILE)
-            out[name] = (json.loads(storage.read_text(marker, cfg))["source"]
-                         if storage.exists(marker, cfg) else None)
-    return out
+    return sweep_folder.existing_segments(rs.trials_uri, rs.base_config.resolved().storage, trial)
 
 
 def latest_checkpoint(run_uri: str, cfg: RunConfig) -> str | None:
     """The newest checkpoint Ray Train registered for a run (from the run's snapshot file)."""
-    uri = join_uri(run_uri, "checkpoint_manager_snapshot.json")
-    if not storage.exists(uri, cfg.storage):
-        return None
-    latest = json.loads(storage.read_text(uri, cfg.storage)).get("latest_checkpoint_result") or {}
-    return latest.get("checkpoint_dir_name")
+    return layout.latest_registered(run_uri, cfg.storage).get("checkpoint_dir_name")
 
 
 def start_from_copy(cfg: RunConfig, seg: Segment, pointer: dict[str, Any] | None) -> str:

@@ -19,15 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import join_uri
 from ftdist.sweep_spec import ResolvedSweep
 
-SUMMARY_FILE = "sweep_summary.json"
-TRIALS_CSV = "trials.csv"
-CURVES_PNG = "learning_curves.png"
-PARAMS_PNG = "hyperparameters.png"
-BEST_MODEL = "best_model"
+from ftdist.sweep_folder import (BEST_MODEL, CURVES_PNG, INIT_CHECKPOINT, PARAMS_PNG,  # noqa: E402
+                                 SEGMENT_MARKER as SEGMENT_FILE, SUMMARY as SUMMARY_FILE, TRIALS_CSV, existing_segments,
+                                 trial_name)
 
 
 @dataclass
@@ -94,9 +93,8 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
     """Every trial of the sweep, from Tune's experiment state and the trials' run folders."""
     from ray.tune import ExperimentAnalysis
 
-    from ftdist.sweep import SEGMENT_FILE, existing_segments, trial_name
 
-    st = rs.base_config.storage
+    st = rs.base_config.resolved().storage  # ${env:...} in storage keys resolved where used
     fs, path = storage.pyarrow_filesystem(rs.storage_path, st)
     ea = ExperimentAnalysis(f"{path.rstrip('/')}/{rs.spec.name}", storage_filesystem=fs)
     frames = ea.trial_dataframes
@@ -107,7 +105,7 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
         rows = [] if df is None or df.empty else [
             {k: _plain(v) for k, v in r.items()} for r in df.to_dict("records") if _plain(r.get("epoch")) is not None]
         rows = dedupe_rows(rows)
-        segs = existing_segments(rs, name)
+        segs = existing_segments(rs.trials_uri, st, name)
         runs = _ordered_runs(segs)
         exploits = []
         for run in runs[1:]:
@@ -115,7 +113,7 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
             if storage.exists(marker, st):
                 exploits.append({"run": run, **json.loads(storage.read_text(marker, st))})
         last_run = (rows[-1].get("ftdist_run") if rows else None) or (runs[-1] if runs else name)
-        res_uri = join_uri(rs.trials_uri, last_run, "train_result.json")
+        res_uri = join_uri(rs.trials_uri, last_run, layout.RESULT)
         result = json.loads(storage.read_text(res_uri, st)) if storage.exists(res_uri, st) else None
         err = None
         if t.status == "ERROR":
@@ -131,8 +129,8 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
 
 def checkpoint_epoch(uri: str) -> int:
     """Epochs done in a checkpoint, from its name (``epoch003-batch000000-...``, see checkpoint.py)."""
-    m = re.match(r"epoch(\d+)-", uri.rstrip("/").rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else 0
+    name = layout.CheckpointName.parse(uri)
+    return name.epoch if name else 0
 
 
 def epochs_reached(run_uri: str, st: Any) -> int | None:
@@ -140,16 +138,13 @@ def epochs_reached(run_uri: str, st: Any) -> int | None:
     checkpoint in its snapshot file. Unlike Tune's result log, this counts epochs a killed driver
     never passed on to Tune. None if the run left neither."""
     reached = []
-    res = join_uri(run_uri, "train_result.json")
+    res = join_uri(run_uri, layout.RESULT)
     if storage.exists(res, st):
         epochs = json.loads(storage.read_text(res, st)).get("epochs") or []
         reached.append(int(epochs[-1]["epoch"]) if epochs else 0)
-    snap = join_uri(run_uri, "checkpoint_manager_snapshot.json")
-    if storage.exists(snap, st):
-        latest = json.loads(storage.read_text(snap, st)).get("latest_checkpoint_result") or {}
-        epoch = (latest.get("metrics") or {}).get("epoch")
-        if isinstance(epoch, (int, float)):
-            reached.append(int(math.floor(epoch)))
+    epoch = (layout.latest_registered(run_uri, st).get("metrics") or {}).get("epoch")
+    if isinstance(epoch, (int, float)):
+        reached.append(int(math.floor(epoch)))
     return max(reached) if reached else None
 
 
@@ -212,7 +207,7 @@ def write_outputs(rs: ResolvedSweep, records: list[TrialRecord], started_at: flo
     """Write every output of the sweep into its folder and return the summary."""
     from ftdist.launcher import library_versions
 
-    st = rs.base_config.storage
+    st = rs.base_config.resolved().storage  # ${env:...} in storage keys resolved where used
     trials = [trial_entry(rs, r) for r in records]
     complete = bool(trials) and all(t["status"] in ("completed", "stopped", "error") for t in trials)
     best = choose_best(trials, rs.mode)
@@ -261,15 +256,14 @@ def copy_model(src: str, dest: str, st: Any) -> None:
 
 
 def _checkpoint_dirs(run_uri: str, st: Any) -> list[str]:
-    from ftdist.sweep import INIT_CHECKPOINT
 
-    return [n for n in storage.listdir(run_uri, st) if n.startswith("epoch") or n == INIT_CHECKPOINT]
+    return [n for n in storage.listdir(run_uri, st) if layout.is_checkpoint(n) or n == INIT_CHECKPOINT]
 
 
 def prune_checkpoints(rs: ResolvedSweep, trials: list[dict[str, Any]], best: dict[str, Any] | None) -> int:
     """After a finished sweep, remove every checkpoint except the best trial's (its last run keeps
     what Train's retention kept: the best and the latest). Exports (``model/``) and results stay."""
-    st = rs.base_config.storage
+    st = rs.base_config.resolved().storage  # ${env:...} in storage keys resolved where used
     keep_run = best["run_dir"] if best else None
     removed = 0
     for t in trials:
@@ -286,11 +280,11 @@ def prune_checkpoints(rs: ResolvedSweep, trials: list[dict[str, Any]], best: dic
 def surviving_checkpoint(t: dict[str, Any], st: Any) -> str | None:
     """The trial's best checkpoint if it still exists (else its newest remaining one, else None)."""
     run_uri = t["run_dir"]
-    names = [n for n in storage.listdir(run_uri, st) if n.startswith("epoch")]
+    names = [n for n in storage.listdir(run_uri, st) if layout.is_checkpoint(n)]
     if not names:
         return None
     if t["best_epoch"] is not None:
-        tag = f"epoch{int(t['best_epoch']):03d}-batch000000-"
+        tag = layout.epoch_end_prefix(int(t["best_epoch"]))
         exact = [n for n in names if n.startswith(tag)]
         if exact:
             return join_uri(run_uri, exact[-1])

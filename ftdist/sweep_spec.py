@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftdist.config import (
-    KNOWN_PATHS, TASK_METRICS, RunConfig, _is_free_dict_key, absolutize_local_paths, did_you_mean, join_uri,
+    KNOWN_PATHS, TASK_METRICS, RunConfig, is_free_dict_key, absolutize_local_paths, did_you_mean, join_uri,
     parse_override, read_yaml, set_dotted, validation_message,
 )
 from ftdist.errors import UserError
@@ -110,7 +110,7 @@ def check_space_key(key: str) -> None:
     if key in _SECTIONS:
         raise ValueError(f"space key '{key}' is a config section; name a key inside it, e.g. "
                          f"{next(p for p in KNOWN_PATHS if p.startswith(key + '.'))}")
-    if key not in KNOWN_PATHS and not _is_free_dict_key(key):
+    if key not in KNOWN_PATHS and not is_free_dict_key(key):
         raise ValueError(f"space: unknown config key '{key}'{did_you_mean(key) or ' (see README config reference)'}")
     if key in SWEEP_MANAGED or key.startswith("storage."):
         raise ValueError(f"space key '{key}' cannot be swept: the sweep sets it for every trial")
@@ -353,7 +353,7 @@ def apply_spec_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dic
             raw.setdefault("space", {})[key.split(".", 1)[1]] = value
         elif head in SPEC_KEYS:
             set_dotted(raw, key, value)
-        elif key in KNOWN_PATHS or _is_free_dict_key(key):
+        elif key in KNOWN_PATHS or is_free_dict_key(key):
             base_sets.append(item)
         else:
             raise UserError(f"--set: unknown key '{key}' (neither a sweep spec key nor a run config key)"
@@ -433,7 +433,7 @@ def load_base(spec: SweepSpec, raw: dict[str, Any] | None = None) -> dict[str, A
         raw = read_yaml(spec.base.path) if spec.base.path else copy.deepcopy(spec.base.config or {})
     for item in spec.base.set:
         key, value = parse_override(item)
-        if key not in KNOWN_PATHS and not _is_free_dict_key(key):
+        if key not in KNOWN_PATHS and not is_free_dict_key(key):
             raise UserError(f"sweep spec base.set: unknown key '{key}'{did_you_mean(key)}")
         set_dotted(raw, key, value)
     return raw

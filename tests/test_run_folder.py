@@ -83,3 +83,28 @@ def test_data_set_without_a_recorded_spec_is_not_reused(tmp_path, tiny_bert, cls
     assert str(ds) in err and "data.prepare" in err, err
     assert _snapshot(ds) == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_names_round_trip_and_sort_by_progress():
+    from ftdist.checkpoint import TrainState, checkpoint_name
+    from ftdist.run_folder import CheckpointName, epoch_end_prefix, is_checkpoint
+
+    name = checkpoint_name(TrainState(epoch=3, batch=0, global_step=90))
+    assert name == "epoch003-batch000000-step00000090" and name.startswith(epoch_end_prefix(3))
+    assert CheckpointName.parse(f"s3://b/runs/t/{name}/") == CheckpointName(3, 0, 90)
+    assert CheckpointName.parse("epoch003-batch000000") is None and not is_checkpoint("model")
+    names = [str(CheckpointName(e, b, s)) for e, b, s in [(1, 0, 150), (0, 40, 40), (10, 0, 1500), (2, 7, 307)]]
+    assert sorted(names) == [str(CheckpointName(e, b, s)) for e, b, s in
+                             [(0, 40, 40), (1, 0, 150), (2, 7, 307), (10, 0, 1500)]]
+
+
+def test_no_module_types_a_run_folder_name_itself():
+    """Layout names live in ftdist/run_folder.py only (issue 12): a second spelling drifts."""
+    import re as _re
+
+    root = Path(__file__).resolve().parents[1] / "ftdist"
+    names = ["config.yaml", "ftdist_run.json", "summary.json", "train_result.json", "test_predictions.jsonl",
+             "checkpoint_manager_snapshot.json", "epoch{"]
+    offenders = [f"{p.relative_to(root)}: {n}" for p in root.rglob("*.py") if p.name != "run_folder.py"
+                 for n in names if _re.search(r"[\"']" + _re.escape(n), p.read_text())]
+    assert not offenders, offenders
