@@ -17,7 +17,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# The edit loop: every test not marked slow (no Ray cluster, no training run); the full suite is `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .cache runs

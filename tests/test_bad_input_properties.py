@@ -268,6 +268,7 @@ FLAG_VALUES = {
 }
 
 
+@pytest.mark.slow  # ~10 s: the full suite runs it, `make test-fast` leaves it out
 @settings(max_examples=250, **SETTINGS)
 @given(raw=raw_input(), flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.just(None), max_size=4),
        raw_text=st.booleans(), data=st.data())
@@ -366,6 +367,7 @@ def manifest_damage(draw, healthy: dict[str, Any]) -> bytes | None:
     return text
 
 
+@pytest.mark.slow  # ~19 s: the full suite runs it, `make test-fast` leaves it out
 @settings(max_examples=200, **SETTINGS)
 @given(split=st.sampled_from(["train", "validation", "test"]), data=st.data())
 def test_generated_manifests(split, data, train_world, monkeypatch):

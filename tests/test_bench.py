@@ -19,6 +19,7 @@ def test_importing_the_harness_imports_no_ray():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_has_every_contender_and_never_imports_ray(tmp_path):
     # A `ray` package that fails on import, first on the path: any import of Ray by the harness fails the run.
     fake = tmp_path / "hide" / "ray"
