@@ -296,15 +296,6 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def get_dotted(d: dict[str, Any], key: str) -> Any:
-    cur: Any = d
-    for p in key.split("."):
-        if not isinstance(cur, dict) or p not in cur:
-            raise KeyError(key)
-        cur = cur[p]
-    return cur
-
-
 def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
     p = Path(path)
     if not p.exists():

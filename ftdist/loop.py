@@ -220,7 +220,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str,
     engine.eval()
     with torch.no_grad():
         for rows in reader.batches(0):
-            batch = collate(rows, s.tokenizer.pad_token_id, task)
+            batch = collate(rows, s.tokenizer.pad_token_id, task, pin_memory=s.device.type == "cuda")
             with _autocast(s):
                 out = engine(**_to_device(batch, s.device))
             if task == "sequence-classification":
@@ -288,7 +288,8 @@ def _train(s: Setup) -> dict[str, Any] | None:
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
         for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
-            batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task)
+            # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
+            batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
             loss = train_step(s, batch, accumulation_window(state.batch, S, gas))
             if first_step_at is None:
                 first_step_at = time.time()

@@ -13,7 +13,6 @@ error (missing object, access denied), they become a one-line :class:`UserError`
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import logging
@@ -25,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -242,16 +241,6 @@ def listdir(uri: str, cfg: StorageSection) -> list[str]:
         return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
 
     return retrying(ls, uri, "listing", cfg)
-
-
-@contextlib.contextmanager
-def open_input(uri: str, cfg: StorageSection) -> Iterator[IO[bytes]]:
-    fs, path = filesystem(uri, cfg)
-    f = retrying(lambda: fs.open(path, "rb"), uri, "opening", cfg)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def download_dir(uri: str, local_dir: str, cfg: StorageSection) -> str:
