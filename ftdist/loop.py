@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ftdist import checkpoint as ckpt
 from ftdist import run_folder as layout
+from ftdist import selection
 from ftdist import storage
 from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
@@ -248,10 +249,6 @@ def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str,
     return metrics, sorted(preds)
 
 
-def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
-
-
 def _save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) -> None:
     name = ckpt.checkpoint_name(state)
     with tempfile.TemporaryDirectory(prefix="ftdist-ckpt-") as tmp:
@@ -320,15 +317,9 @@ def _train(s: Setup) -> dict[str, Any] | None:
         val, _ = evaluate(s, "validation")
         value = val[metric]
         state.epoch, state.batch = epoch + 1, 0
-        # Best = highest score, ties going to the newer checkpoint: the same order Ray's retention
-        # (checkpoint_score_attribute) uses, so the best checkpoint is never the one Ray deletes.
-        # Early stopping separately needs a real improvement (by more than min_delta).
-        improved = _improved(value, state.best_metric, mode, cfg.train.early_stopping_min_delta)
-        if state.best_metric is None or value == state.best_metric or _improved(value, state.best_metric, mode):
-            state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, ckpt.checkpoint_name(state)
-        state.bad_epochs = 0 if improved else state.bad_epochs + 1
         patience = cfg.train.early_stopping_patience
-        state.stopped_early = bool(patience and state.bad_epochs >= patience and state.epoch < cfg.train.epochs)
+        improved = selection.end_of_epoch(state, value, mode, cfg.train.early_stopping_min_delta, patience,
+                                          cfg.train.epochs)
         record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": g_loss / max(g_n, 1),
                   **{f"val_{k}": v for k, v in val.items()}, **throughput, "train_time_s": train_time,
                   "lr": engine.get_lr()[0]}
