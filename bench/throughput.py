@@ -532,7 +532,7 @@ def demo_data(cfg: Any) -> str:
 
     Through the launcher's own check: a data set built with other settings, or one that does not
     record its settings, is refused instead of measured (two tables once ran on a stale sample)."""
-    from ftdist.launcher import prepare_data_if_needed
+    from ftdist.preflight import prepare_data_if_needed
 
     prepare_data_if_needed(cfg)
     return cfg.data.path

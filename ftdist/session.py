@@ -1,4 +1,4 @@
-"""What the worker loop needs from whoever runs it: Ray Train (``launcher.RaySession``) or nothing
+"""What the worker loop needs from whoever runs it: Ray Train (``ray_worker.RaySession``) or nothing
 (``LocalSession``: one process, world size 1, used by the benchmark harness and unit tests)."""
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class ForwardReports(UserCallback):
 
 def run_trial(config: dict[str, Any], rs: ResolvedSweep) -> None:
     """The Tune function trainable: one trial = one (or, after PBT exploits, several) Train runs."""
-    from ftdist.launcher import quiet_ray_train_logs
+    from ftdist.ray_worker import quiet_ray_train_logs
 
     quiet_ray_train_logs()
     trial = tune.get_context().get_trial_name()
@@ -141,7 +141,8 @@ class Reporter:
         """Train (in a thread) and forward each epoch report as it arrives."""
         from ray.util.queue import Queue
 
-        from ftdist.launcher import build_trainer, user_error_from_ray
+        from ftdist.failures import user_error_from_ray
+        from ftdist.launcher import build_trainer
 
         cfg = self.cfg
         queue = Queue(actor_options={"num_cpus": 0})
@@ -304,7 +305,7 @@ def plan_concurrency(rs: ResolvedSweep, local: bool) -> tuple[int, dict[str, flo
     """(trials at a time, one trial's needs, the cluster's resources); fail fast when none fits."""
     import ray
 
-    from ftdist.launcher import use_gpu, wait_for_resources, worker_resources
+    from ftdist.ray_cluster import use_gpu, wait_for_resources, worker_resources
     from ftdist.sweep_space import concurrency, describe, total_trials, trial_resources
 
     cfg = rs.base_config
@@ -328,7 +329,8 @@ def plan_concurrency(rs: ResolvedSweep, local: bool) -> tuple[int, dict[str, flo
 def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run (or resume) a checked sweep (:func:`ftdist.sweep_spec.resolve_sweep`) and write its
     outputs; returns the sweep summary."""
-    from ftdist.launcher import connect_ray, preflight, prepare_data_if_needed
+    from ftdist.preflight import preflight, prepare_data_if_needed
+    from ftdist.ray_cluster import connect_ray
     from ftdist.sweep_report import collect_trials, write_outputs
     from ftdist.sweep_space import describe, total_trials
 

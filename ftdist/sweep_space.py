@@ -131,7 +131,7 @@ def build_searcher(rs: ResolvedSweep, max_concurrent: int) -> Any:
 
 def trial_resources(rs: ResolvedSweep, gpu: bool) -> dict[str, float]:
     """What one trial's Train workers ask for in total (the trial's driver takes no CPU)."""
-    from ftdist.launcher import worker_resources
+    from ftdist.ray_cluster import worker_resources
 
     cfg = rs.base_config
     per_worker = worker_resources(cfg, gpu)

@@ -35,7 +35,7 @@ def started_run(tmp_path, tiny_bert, cls_data) -> tuple[dict, Path]:
 
     The marker is written by the launcher's own code, so the test follows its format."""
     from ftdist.config import validate
-    from ftdist.launcher import write_run_marker
+    from ftdist.preflight import write_run_marker
 
     cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "resize"})
     write_run_marker(validate(cfg))

@@ -15,7 +15,7 @@ from ftdist.config import load_config
 SCRIPT = r"""
 import json, psutil, ray
 from ftdist.config import load_config
-from ftdist.launcher import connect_ray
+from ftdist.ray_cluster import connect_ray
 cfg = load_config(data={"model": {"path": "m"}, "data": {"path": "d"}, "scaling": {"num_workers": 1}})
 connect_ray(cfg)
 url = ray._private.worker.global_worker.node.address_info["webui_url"]

@@ -1,0 +1,151 @@
+"""Everything checked before a worker starts, and the run folder's ownership.
+
+Why before: a mistake found after Ray started costs the user a minute and a page of logs; found
+here it is one line (exit 2) and nothing is written. Owns the run folder's marker: a folder made
+by another config, or by another number of workers, is never resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ftdist import run_folder as layout
+from ftdist import storage
+from ftdist.config import RunConfig, config_record, dump_config, join_uri
+from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
+                                  tokenizer_fingerprint)
+from ftdist.errors import StorageUnavailable, UserError
+
+
+def prepare_data_if_needed(cfg: RunConfig) -> None:
+    """Build ``data.path`` from ``data.prepare`` on first use; refuse to reuse one built from another spec."""
+    if cfg.data.prepare is None:
+        return
+    train_uri = join_uri(cfg.data.path, "train")
+    if storage.exists(join_uri(train_uri, MANIFEST), cfg.storage):
+        built = load_manifest(train_uri, cfg.storage).prepare or {}
+        from ftdist.data.prepare import spec_record
+
+        if not built:
+            raise UserError(f"data set '{cfg.data.path}' does not record how it was prepared (built by hand or by "
+                            f"an older ftdist), so it cannot be checked against data.prepare; delete it to rebuild, "
+                            f"or remove data.prepare to use it as it is")
+        wanted = spec_record(cfg.data.prepare, cfg.model.task, cfg.run.seed, cfg.data.max_length)
+        if built != wanted:
+            diff = ", ".join(k for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k))
+            raise UserError(f"data set '{cfg.data.path}' was prepared with different settings ({diff}); "
+                            f"delete it to rebuild, or point data.path elsewhere")
+        return
+    from ftdist.data.prepare import prepare
+
+    print(f"[ftdist] preparing data set {cfg.data.path} from {cfg.data.prepare.input}", flush=True)
+    t0 = time.time()
+    ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
+                 cfg.model.task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
+    print(f"[ftdist] prepared {', '.join(f'{k}: {m.num_rows} rows' for k, m in ms.items())} "
+          f"in {time.time() - t0:.1f}s", flush=True)
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Every check that needs no worker. Returns facts the summary uses (label counts)."""
+    from ftdist.modeling import load_tokenizer, resolve_model_path
+
+    resolve_model_path(cfg.model.path, cfg.storage)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
+                         cfg.storage)
+    fp = tokenizer_fingerprint(tok)
+    manifests = {}
+    for split in ("train", "validation", "test"):
+        uri = join_uri(cfg.data.path, split)
+        m = manifests[split] = load_manifest(uri, cfg.storage)
+        num_labels = cfg.model.num_labels or manifests["train"].num_labels
+        check_compatible(m, uri, cfg.model.task, num_labels, fp)
+        check_shards_present(m, uri, cfg.storage)
+        if m.num_rows < cfg.scaling.num_workers:
+            raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
+                            f"{cfg.scaling.num_workers}; use fewer workers or more data")
+    return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
+            "rows": {s: m.num_rows for s, m in manifests.items()}}
+
+
+def check_run_folder(cfg: RunConfig) -> str:
+    """'new', 'resume' or 'completed'; refuse a folder that another config made."""
+    run_uri = cfg.run_uri()
+    marker = join_uri(run_uri, layout.RUN_MARKER)
+    if not storage.exists(marker, cfg.storage):
+        if storage.listdir(run_uri, cfg.storage):
+            raise UserError(f"run folder '{run_uri}' exists but was not made by ftdist; choose another run.name "
+                            f"or storage.path")
+        return "new"
+    info = read_json(marker, cfg)
+    if info.get("fingerprint") != cfg.fingerprint():
+        saved = info.get("config", {})
+        now = config_record(cfg, exclude={"scaling": True, "storage": True})
+        diff = _diff_keys(saved, now)
+        raise UserError(f"run folder '{run_uri}' was made by a different config (differs in: "
+                        f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
+                        f"restore the original config to resume")
+    if storage.exists(join_uri(run_uri, layout.SUMMARY), cfg.storage):
+        read_json(join_uri(run_uri, layout.SUMMARY), cfg)  # a corrupt summary is one line, not a traceback
+        return "completed"
+    check_same_world_size(info, cfg, run_uri)
+    return "resume"
+
+
+def check_same_world_size(info: dict[str, Any], cfg: RunConfig, run_uri: str) -> None:
+    """Refuse to resume on another number of workers.
+
+    Why: the saved reader position (epoch, batch) indexes the old partition of the data across
+    ranks, and ZeRO >= 1 optimizer shards belong to the old data-parallel size; resuming on another
+    size would silently repeat and skip samples (or load mismatched shards)."""
+    saved = info.get("num_workers")
+    if saved is not None and saved != cfg.scaling.num_workers:
+        raise UserError(f"run folder '{run_uri}' was started with {saved} worker(s) and this config asks for "
+                        f"{cfg.scaling.num_workers} worker(s); resuming on another world size is not supported yet: "
+                        f"set scaling.num_workers={saved} to resume, or use a new run.name to start over")
+
+
+def read_json(uri: str, cfg: RunConfig) -> dict[str, Any]:
+    """A run folder's JSON file, or one line saying it is corrupt (e.g. cut off by a crash mid-write)."""
+    try:
+        data = json.loads(storage.read_text(uri, cfg.storage))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{uri}' is corrupt ({type(e).__name__}: {str(e)[:80]}); delete it and rerun the same "
+                        f"command (the run resumes from its latest checkpoint), or use a new run.name") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{uri}' is corrupt (not a JSON object); delete it and rerun the same command, "
+                        f"or use a new run.name")
+    return data
+
+
+def write_run_marker(cfg: RunConfig) -> None:
+    """``config.yaml`` and ``ftdist_run.json``: what made this run folder (resume vs another config)."""
+    run_uri = cfg.run_uri()
+    storage.write_text(join_uri(run_uri, layout.CONFIG), dump_config(cfg), cfg.storage)
+    storage.write_text(join_uri(run_uri, layout.RUN_MARKER), json.dumps({
+        "fingerprint": cfg.fingerprint(), "created": time.time(), "num_workers": cfg.scaling.num_workers,
+        "config": config_record(cfg, exclude={"scaling": True, "storage": True})}, indent=1),
+        cfg.storage)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@contextlib.contextmanager
+def unreachable_storage_is_a_user_error() -> Iterator[None]:
+    """Before a run starts, storage that never answers is most likely a wrong endpoint (exit 2);
+    once it has started, the same failure is an outage (exit 1, rerun to resume)."""
+    try:
+        yield
+    except StorageUnavailable as e:
+        raise UserError(str(e).replace("storage unavailable:", "storage unreachable:", 1)) from None

@@ -1,0 +1,105 @@
+"""Connecting to Ray and sizing the workers against what the cluster has.
+
+A local cluster is started in-process with bounded CPUs and its dashboard on 127.0.0.1; on an
+existing cluster, an autoscaler is asked for the workers' nodes, and a cluster that cannot host
+them fails with what was asked and what exists instead of pending forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+
+from ftdist.config import RunConfig
+from ftdist.errors import UserError
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Connect to ``scaling.address`` / RAY_ADDRESS, or start a bounded local cluster in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    # No runtime_env here: inside a Ray job it would replace the job's own (env vars such as the S3
+    # endpoint); in local mode workers inherit this process's environment anyway.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    # Ray warns that the local cluster it starts uses token authentication: ftdist's private cluster
+    # on 127.0.0.1 needs no action from the user, so the warning only interrupts the run's output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # A rank that stops responding fails the run after collective_timeout_s (Ray Train's worker
+    # health check; DeepSpeed's CPU shared-memory allreduce has no timeout of its own). On a
+    # cluster, set RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S in the cluster's environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(cfg.scaling.collective_timeout_s))
+    # Ray's own helpers find "the" cluster by scanning the machine; with several Ray clusters on one
+    # machine that fails, and Train's PlacementGroupCleaner then never frees the resources of a run
+    # whose controller was killed (every trial a Tune scheduler stops). Pin the dashboard port and
+    # name it in the environment the cluster's processes inherit.
+    dashboard = {}
+    if "RAY_API_SERVER_ADDRESS" not in os.environ:
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        dashboard = {"dashboard_port": port}
+    ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
+             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+             **dashboard)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    if cfg.scaling.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def worker_resources(cfg: RunConfig, gpu: bool) -> dict[str, float]:
+    s = cfg.scaling
+    res: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if gpu:
+        res["GPU"] = s.gpus_per_worker
+    if s.memory_per_worker_gb:
+        res["memory"] = s.memory_per_worker_gb * 1024**3
+    if s.accelerator_type:
+        res[f"accelerator_type:{s.accelerator_type}"] = 0.001
+    return res
+
+
+def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
+    """Fail with a clear message instead of pending forever when the cluster cannot host the workers."""
+    import ray
+
+    need = {k: v * cfg.scaling.num_workers for k, v in per_worker.items()}
+    deadline = time.monotonic() + cfg.scaling.placement_timeout_s
+    with contextlib.suppress(Exception):  # ask an autoscaler (if any) for the nodes: GPU groups may sit at 0
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in per_worker.items() if k != "memory"}] * cfg.scaling.num_workers)
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            asked = ", ".join(f"{k}={v:g}" for k, v in need.items() if not k.startswith("accelerator_type"))
+            has = ", ".join(f"{k}={v:g}" for k, v in sorted(have.items())
+                            if k in ("CPU", "GPU", "memory") or k in need)
+            raise UserError(f"the Ray cluster cannot host {cfg.scaling.num_workers} worker(s): asked for {asked} "
+                            f"in total, the cluster has {has}; lower scaling.num_workers/cpus_per_worker/"
+                            f"gpus_per_worker or add nodes (waited scaling.placement_timeout_s="
+                            f"{cfg.scaling.placement_timeout_s:g}s)")
+        time.sleep(1.0)
