@@ -12,7 +12,8 @@ import tempfile
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import RunConfig, redact
+from ftdist.config import RunConfig
+from ftdist.redaction import redact
 
 EXPORT_MARKER = "ftdist_export.json"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from ftdist.config import redact_uri
+from ftdist.redaction import redact_uri
 from ftdist.errors import UserError
 from ftdist.storage import classify
 

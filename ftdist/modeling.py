@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import ModelSection, StorageSection, redact_uri
+from ftdist.config import ModelSection, StorageSection
+from ftdist.redaction import redact_uri
 from ftdist.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from ftdist.config import StorageSection, redact_uri, resolve_env_refs
+from ftdist.config import StorageSection
+from ftdist.redaction import redact_uri, resolve_env_refs
 from ftdist.errors import StorageUnavailable, UserError
 
 log = logging.getLogger(__name__)

@@ -537,7 +537,7 @@ def trial_config(rs: ResolvedSweep, values: dict[str, Any], run_name: str) -> Ru
 
 def dump_spec(rs: ResolvedSweep) -> str:
     """The resolved spec and base config saved in the sweep folder (secrets redacted)."""
-    from ftdist.config import redact
+    from ftdist.redaction import redact
 
     return yaml.safe_dump({"spec": rs.spec.to_yaml_dict(), "metric": rs.metric, "mode": rs.mode,
                            "base_config": redact(rs.base)}, sort_keys=False)

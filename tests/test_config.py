@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftdist.config import dump_config, load_config, redact, resolve_env_refs
+from ftdist.config import dump_config, load_config
+from ftdist.redaction import redact, resolve_env_refs
 from ftdist.errors import UserError
 
 BASE = {"model": {"path": "m"}, "data": {"path": "d"}}
@@ -82,7 +83,7 @@ def test_fingerprint_ignores_scaling_and_storage():
                                   "key_field", "monkey", "passthrough", "TOKENIZERS_PARALLELISM", "tokenized",
                                   "num_tokens", "text_field"])
 def test_innocent_names_are_not_secret(name):
-    from ftdist.config import is_secret_name
+    from ftdist.redaction import is_secret_name
 
     assert not is_secret_name(name)
 
@@ -93,7 +94,7 @@ def test_innocent_names_are_not_secret(name):
                                   "HF_TOKEN", "client.secret", "accessToken", "private_key", "DB_PASS", "MY_APIKEY",
                                   "X_CONNECTION_STRING", "PGPASSWORD", "AZURE_CREDENTIAL", "AWS_ACCESS_KEY_ID"])
 def test_secret_names_are_secret(name):
-    from ftdist.config import is_secret_name
+    from ftdist.redaction import is_secret_name
 
     assert is_secret_name(name)
 
@@ -150,7 +151,7 @@ PRESIGNED = ("https://bucket.s3.amazonaws.com/k/raw.csv?X-Amz-Algorithm=AWS4-HMA
     ("s3://user:pw-in-url@host/bucket", ["pw-in-url"], ["host/bucket"]),
 ])
 def test_url_query_credentials_are_redacted(url, secrets, kept):
-    from ftdist.config import redact_uri
+    from ftdist.redaction import redact_uri
 
     for text in (url, f"reading '{url}' failed: 403"):
         out = redact_uri(text)
