@@ -38,6 +38,8 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    train_log: list[list[float]] = field(default_factory=list)  # [optimizer step, train loss] per log line (rank 0)
+    val_confusions: dict[str, list[list[int]]] = field(default_factory=dict)  # validation confusion by epoch
     samples: dict[str, list[int]] = field(default_factory=dict)  # this rank's trained ids by epoch
 
     def to_json(self) -> str:

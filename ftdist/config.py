@@ -1,7 +1,7 @@
 """The run configuration: one YAML file, validated by a schema, addressable by dotted path.
 
 Sections (all documented in README's config reference): ``run``, ``model``, ``data``, ``train``,
-``deepspeed``, ``scaling``, ``storage``. Every key can be overridden with ``--set dotted.key=value``
+``deepspeed``, ``scaling``, ``storage``, ``tracking``. Every key can be overridden with ``--set dotted.key=value``
 and swept by Ray Tune under the same dotted path. Unknown keys are errors with a "did you mean"
 hint. Values may reference the environment as ``${env:NAME}``; such references are resolved only
 where a value is used (e.g. when a filesystem is opened on a worker), so secrets never travel in
@@ -165,6 +165,11 @@ class StorageSection(Section):
     num_checkpoints_to_keep: int = Field(2, ge=1)
 
 
+class TrackingSection(Section):
+    tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard/ (rank 0)")
+    plots: bool = Field(True, description="learning-curve and confusion-matrix PNGs in <run>/plots/")
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -173,6 +178,7 @@ class RunConfig(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     #: the config with its ``${env:...}`` references, on a copy made by :meth:`resolved`
     _unresolved: RunConfig | None = PrivateAttr(default=None)
 
@@ -211,9 +217,10 @@ class RunConfig(Section):
         """Hash of what makes two runs the same run (resume) or different (refuse to overwrite).
 
         Scaling and storage details may change between a crash and a rerun (fewer nodes, a new
-        endpoint) without making it another run, so they are left out.
+        endpoint) without making it another run, so they are left out; so is tracking (what is
+        recorded about the run, not what it trains).
         """
-        d = self.unresolved().model_dump(mode="json", exclude={"scaling": True, "storage": True})
+        d = self.unresolved().model_dump(mode="json", exclude={"scaling": True, "storage": True, "tracking": True})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -40,3 +40,13 @@ class StorageUnavailable(RunFailed):
     reports the same condition as a :class:`UserError` about the endpoint: then a wrong
     ``storage.endpoint_url`` is the likelier cause.)
     """
+
+
+class LossDiverged(RunFailed):
+    """The training loss became NaN or infinite: the run stops at once (exit code 1).
+
+    A RunFailed, not a UserError: no input is malformed, the optimisation diverged (usually a
+    learning rate too high for the model, fp16 overflow, or no gradient clipping). The weights
+    after a non-finite loss are garbage, so no checkpoint is taken of them; completed checkpoints
+    are kept. The message says what to try, since rerunning unchanged would diverge again.
+    """

@@ -30,6 +30,13 @@ def storage_outage_from_ray(exc: BaseException) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def diverged_loss_from_ray(exc: BaseException) -> str | None:
+    """A worker's LossDiverged (NaN or infinite training loss), wrapped by Ray: its line."""
+    text = "\n".join(str(e) for e in _exc_chain(exc))
+    m = re.search(r"LossDiverged: (.+)", text)
+    return m.group(1).strip() if m else None
+
+
 def describe_failure(exc: BaseException) -> str | None:
     """One line from Ray Train's WorkerGroupError (per failed rank) or ControllerError (None if neither)."""
     for e in _exc_chain(exc):

@@ -21,9 +21,11 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig, config_record, join_uri
+from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
-from ftdist.failures import describe_failure, storage_outage_from_ray, user_error_from_ray
+from ftdist.failures import describe_failure, diverged_loss_from_ray, storage_outage_from_ray, user_error_from_ray
 from ftdist.metrics import majority_baseline
+from ftdist.plots import write_run_plots
 from ftdist.preflight import (check_run_folder, preflight, prepare_data_if_needed, read_json,
                               unreachable_storage_is_a_user_error, write_run_marker)
 from ftdist.ray_cluster import connect_ray, use_gpu, wait_for_resources, worker_resources
@@ -107,6 +109,9 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         ue = user_error_from_ray(e)
         if ue is not None:
             raise ue from None
+        diverged = diverged_loss_from_ray(e)
+        if diverged is not None:
+            raise RunFailed(f"run '{cfg.run.name}' failed: {diverged}") from None
         outage = storage_outage_from_ray(e)
         if outage is not None:
             raise RunFailed(f"run '{cfg.run.name}' failed: {outage}; completed checkpoints are kept in "
@@ -127,6 +132,8 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if layout.is_checkpoint(n)),
         "versions": library_versions(),
     }
+    summary["diagnoses"] = diagnose(summary)
+    write_run_plots(cfg, summary)
     storage.write_text(join_uri(run_uri, layout.SUMMARY), json.dumps(summary, indent=1), cfg.storage)
     return summary
 
@@ -148,12 +155,26 @@ def format_summary(summary: dict[str, Any]) -> str:
     if base is not None and "accuracy" in summary["test"]:
         lines.append(f"  majority-class baseline accuracy: {base:.4f} "
                      f"({summary['test']['accuracy'] - base:+.4f} for the fine-tuned model)")
+    if summary.get("test_per_class"):
+        lines += per_class_table(summary["test_per_class"], "test per class")
     tp = summary.get("throughput") or {}
     if tp:
         mfu = f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""
         lines.append(f"  throughput: {tp['samples_per_s']:.1f} samples/s, {tp['tokens_per_s']:.0f} tokens/s{mfu}")
     lines.append(f"  wall time {summary['wall_time_s']:.0f}s"
                  + (f", first step after {summary['time_to_first_step_s']:.0f}s" if summary.get("time_to_first_step_s") else ""))
+    for d in summary.get("diagnoses") or []:
+        lines.append(f"  ! {d['message']}")
     lines.append(f"  exported model: {summary['model_uri']}")
     lines.append(f"  summary: {join_uri(summary['run_dir'], layout.SUMMARY)}")
     return "\n".join(lines)
+
+
+def per_class_table(rows: list[dict[str, Any]], title: str) -> list[str]:
+    """A compact per-class table (label, precision, recall, F1, support), indented for the report."""
+    width = max([len(title)] + [len(str(r["label"])) for r in rows])
+    out = [f"  {title:<{width}}  precision  recall     f1  support"]
+    for r in rows:
+        out.append(f"  {str(r['label']):<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
+                   f"{r['support']:7d}")
+    return out

@@ -36,8 +36,10 @@ from ftdist.data.manifest import Manifest, check_compatible, load_manifest, toke
 from ftdist.data.reader import ShardReader
 from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distributed, reapply_hyperparameters,
                            resolve_precision)
-from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_tflops
+from ftdist.diagnoses import check_loss_finite
+from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_tflops, per_class_metrics
 from ftdist.session import Session
+from ftdist.tracking import Tracker, open_tracker
 
 log = logging.getLogger("ftdist")
 
@@ -209,9 +211,11 @@ def _log(s: Setup, msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str, float], list[tuple[int, int]]]:
+def evaluate(s: Setup, split: str, predictions: bool = False
+             ) -> tuple[dict[str, float], list[tuple[int, int]], list[list[int]] | None]:
     """Loss and task metrics over a whole split, summed across ranks (every rank runs the same
-    number of batches, which ZeRO-3's parameter gathering needs)."""
+    number of batches, which ZeRO-3's parameter gathering needs), the predictions if asked, and
+    the summed confusion matrix (classification; per-class figures, plots and diagnoses use it)."""
     reader = _reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
     engine, task = s.engine, s.cfg.model.task
     k = s.num_labels or 1
@@ -238,7 +242,8 @@ def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str,
     engine.train()
     if task == "sequence-classification":
         totals = _all_reduce([loss_sum] + confusion.flatten().tolist(), s.device)
-        metrics = classification_metrics(totals[0], torch.tensor(totals[1:]).reshape(k, k))
+        summed = torch.tensor(totals[1:]).reshape(k, k)
+        metrics = classification_metrics(totals[0], summed)
     else:
         loss_sum, count = _all_reduce([loss_sum, count], s.device)
         metrics = causal_lm_metrics(loss_sum, count)
@@ -246,7 +251,8 @@ def evaluate(s: Setup, split: str, predictions: bool = False) -> tuple[dict[str,
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, preds)
         preds = [p for part in gathered for p in part]
-    return metrics, sorted(preds)
+    matrix = summed.round().long().tolist() if task == "sequence-classification" else None
+    return metrics, sorted(preds), matrix
 
 
 def _save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) -> None:
@@ -259,13 +265,17 @@ def _save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) 
 def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
     """Run (or resume) a training run in this worker process; rank 0 returns the result record."""
     s = setup(cfg, session)
+    tracker = open_tracker(cfg, session.rank)
     try:
-        return _train(s)
+        return _train(s, tracker)
+    except BaseException:
+        tracker.close({})  # what was recorded up to a failure (a diverged loss) stays readable
+        raise
     finally:
         _teardown(s)
 
 
-def _train(s: Setup) -> dict[str, Any] | None:
+def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     cfg, session, engine = s.cfg, s.session, s.engine
     state = ckpt.TrainState()
     with session.restore_dir() as restore:
@@ -300,8 +310,15 @@ def _train(s: Setup) -> dict[str, Any] | None:
                 state.samples.setdefault(str(epoch), []).extend(batch["sample_id"].tolist())
             if state.batch % cfg.train.log_every_steps == 0:
                 lr = engine.get_lr()[0]
-                _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {loss_acc.item() / n_loss:.4f} "
-                        f"lr {lr:.2e} {samples * session.world_size / (time.perf_counter() - t0):.1f} samples/s")
+                mean_loss, elapsed = loss_acc.item() / n_loss, time.perf_counter() - t0  # the log line's one sync
+                check_loss_finite(mean_loss, state.global_step)
+                rate = session.world_size / elapsed  # rank 0's share times the ranks: an estimate between epochs
+                _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean_loss:.4f} "
+                        f"lr {lr:.2e} {samples * rate:.1f} samples/s")
+                state.train_log.append([state.global_step, mean_loss])
+                tracker.log_step(state.global_step, {"train/loss": mean_loss, "train/lr": lr,
+                                                     "train/samples_per_s": samples * rate,
+                                                     "train/tokens_per_s": tokens * rate})
             if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
@@ -312,9 +329,10 @@ def _train(s: Setup) -> dict[str, Any] | None:
         loss_sum = loss_acc.item()  # waits for the device, so train_time covers every step
         train_time = time.perf_counter() - t0
         g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_sum, n_loss], s.device)
+        check_loss_finite(g_loss / max(g_n, 1), engine.global_steps)
         throughput = {"samples_per_s": g_samples / train_time, "tokens_per_s": g_tokens / train_time,
                       "mfu": mfu(s.n_params, g_tokens / train_time, session.world_size, peak)}
-        val, _ = evaluate(s, "validation")
+        val, _, val_confusion = evaluate(s, "validation")
         value = val[metric]
         state.epoch, state.batch = epoch + 1, 0
         patience = cfg.train.early_stopping_patience
@@ -324,6 +342,11 @@ def _train(s: Setup) -> dict[str, Any] | None:
                   **{f"val_{k}": v for k, v in val.items()}, **throughput, "train_time_s": train_time,
                   "lr": engine.get_lr()[0]}
         state.history.append(record)
+        if val_confusion is not None:
+            state.val_confusions[str(epoch + 1)] = val_confusion
+        tracker.log_epoch(state.global_step, {"epoch/train_loss": record["train_loss"],
+                                              **{f"val/{k}": v for k, v in val.items()},
+                                              **{f"epoch/{k}": v for k, v in throughput.items() if v is not None}})
         _log(s, "epoch {} done: ".format(epoch + 1) + ", ".join(
             f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)) + (" (best)" if improved else ""))
         if state.stopped_early:
@@ -331,10 +354,11 @@ def _train(s: Setup) -> dict[str, Any] | None:
         _save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
                                     "best_" + metric: state.best_metric, "should_checkpoint": True,
                                     "stopped_early": state.stopped_early})
-    return _finish(s, state, throughput, first_step_at)
+    return _finish(s, state, throughput, first_step_at, tracker)
 
 
-def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_step_at: float | None) -> dict[str, Any] | None:
+def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_step_at: float | None,
+            tracker: Tracker) -> dict[str, Any] | None:
     """Reload the best checkpoint if it is not the current weights, test it, export it."""
     cfg, session = s.cfg, s.session
     current = ckpt.checkpoint_name(state)
@@ -343,7 +367,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
             session.fetch_checkpoint(state.best_checkpoint, tmp)
             ckpt.load(s.engine, session.rank, tmp, module_only=True)
         _log(s, f"reloaded best checkpoint {state.best_checkpoint} (epoch {state.best_epoch})")
-    test, preds = evaluate(s, "test", predictions=True)
+    test, preds, test_confusion = evaluate(s, "test", predictions=True)
     _log(s, "test: " + ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
     from ftdist.export import export_model
 
@@ -363,7 +387,14 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
+        "label_names": s.label_names, "train_log": state.train_log,
     }
+    if test_confusion is not None:
+        val_confusion = state.val_confusions.get(str(state.best_epoch))
+        result.update(test_confusion=test_confusion, test_per_class=per_class_metrics(test_confusion, s.label_names),
+                      val_confusion=val_confusion,
+                      val_per_class=per_class_metrics(val_confusion, s.label_names) if val_confusion else None)
+    tracker.close({f"best/val_{cfg.eval_metric}": state.best_metric or 0.0, **{f"test/{k}": v for k, v in test.items()}})
     storage.write_text(join_uri(cfg.run_uri(), layout.RESULT), json.dumps(result, indent=1), cfg.storage)
     if preds:
         storage.write_text(join_uri(cfg.run_uri(), layout.PREDICTIONS),

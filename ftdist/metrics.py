@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -49,3 +50,19 @@ def mfu(n_params: int, tokens_per_s: float, world_size: int, peak: float | None)
     if not peak:
         return None
     return 6.0 * n_params * tokens_per_s / (peak * 1e12 * world_size)
+
+
+def per_class_metrics(confusion: Any, label_names: list[str] | None) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class from a K x K confusion matrix (rows: true,
+    cols: predicted). Why per class: accuracy and even macro-F1 hide a class the model never
+    predicts; a class with no predictions (or no examples) scores 0, as macro-F1 counts it."""
+    conf = torch.as_tensor(confusion, dtype=torch.float64)
+    tp, predicted, support = conf.diag(), conf.sum(0), conf.sum(1)
+    out = []
+    for k in range(conf.shape[0]):
+        p = (tp[k] / predicted[k]).item() if predicted[k] > 0 else 0.0
+        r = (tp[k] / support[k]).item() if support[k] > 0 else 0.0
+        out.append({"label": label_names[k] if label_names and k < len(label_names) else str(k),
+                    "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r > 0 else 0.0,
+                    "support": int(support[k].item())})
+    return out

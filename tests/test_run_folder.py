@@ -104,7 +104,8 @@ def test_no_module_types_a_run_folder_name_itself():
 
     root = Path(__file__).resolve().parents[1] / "ftdist"
     names = ["config.yaml", "ftdist_run.json", "summary.json", "train_result.json", "test_predictions.jsonl",
-             "checkpoint_manager_snapshot.json", "epoch{"]
+             "checkpoint_manager_snapshot.json", "epoch{", "tensorboard\"", "plots/learning_curves.png",
+             "plots/confusion_matrix.png"]
     offenders = [f"{p.relative_to(root)}: {n}" for p in root.rglob("*.py") if p.name != "run_folder.py"
                  for n in names if _re.search(r"[\"']" + _re.escape(n), p.read_text())]
     assert not offenders, offenders

@@ -1,0 +1,100 @@
+"""Diagnoses of a finished run: findings a user can act on, each naming what to try.
+
+Why: a run that learned nothing (every prediction one class, a handful of optimizer steps, a
+validation metric falling while the train loss falls) used to be reported as an ordinary success.
+Each check is a pure function over the run's history and metrics returning ``{code, message}`` or
+None; :func:`diagnose` collects them for the summary and the printed report. A non-finite loss is
+not a diagnosis but a stop: :func:`check_loss_finite` raises :class:`~ftdist.errors.LossDiverged`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ftdist.errors import LossDiverged
+
+#: share of validation predictions in one class at and above which the model has collapsed
+ONE_CLASS_SHARE = 0.95
+#: fewer optimizer steps than this in a whole run rarely fine-tune a pre-trained model
+MIN_OPTIMIZER_STEPS = 50
+#: consecutive epochs of a worsening validation metric (with falling train loss) that mean overfitting
+OVERFIT_EPOCHS = 2
+
+Diagnosis = dict[str, str]
+
+
+def one_class_predictions(confusion: list[list[int]] | None, label_names: list[str] | None,
+                          learning_rate: float) -> Diagnosis | None:
+    """The model predicts one class for >= 95% of the validation examples (rows: true, cols: predicted)."""
+    if not confusion or len(confusion) < 2:
+        return None
+    predicted = [sum(row[k] for row in confusion) for k in range(len(confusion))]
+    total = sum(predicted)
+    if total == 0:
+        return None
+    k = max(range(len(predicted)), key=predicted.__getitem__)
+    share = predicted[k] / total
+    if share < ONE_CLASS_SHARE:
+        return None
+    name = label_names[k] if label_names and k < len(label_names) else str(k)
+    return {"code": "one_class",
+            "message": f"the model predicts class '{name}' for {share:.0%} of validation examples (it learned the "
+                       f"majority class, not the task): try another train.learning_rate (now {learning_rate:g}; "
+                       f"2e-5..1e-4 suits most BERT-size models), more train.epochs, and train.eval_metric: macro_f1 "
+                       f"so the best checkpoint is not picked by accuracy alone"}
+
+
+def few_optimizer_steps(global_step: int) -> Diagnosis | None:
+    """The whole run took fewer optimizer steps than a fine-tune plausibly learns in."""
+    if global_step >= MIN_OPTIMIZER_STEPS:
+        return None
+    return {"code": "few_optimizer_steps",
+            "message": f"the run took only {global_step} optimizer steps (fewer than {MIN_OPTIMIZER_STEPS}): try more "
+                       f"train.epochs, a smaller train.batch_size or train.gradient_accumulation_steps, or no "
+                       f"train.max_steps_per_epoch"}
+
+
+def overfitting(history: list[dict[str, Any]], metric: str, mode: str,
+                early_stopping_patience: int | None) -> Diagnosis | None:
+    """The validation metric got worse for the last OVERFIT_EPOCHS epochs while the train loss fell,
+    and early stopping was off (with it on, the run stops itself)."""
+    if early_stopping_patience is not None or len(history) < OVERFIT_EPOCHS + 1:
+        return None
+    tail = history[-(OVERFIT_EPOCHS + 1):]
+    vals = [e.get(f"val_{metric}") for e in tail]
+    losses = [e.get("train_loss") for e in tail]
+    if any(v is None for v in vals + losses):
+        return None
+    worse = all((b < a) if mode == "max" else (b > a) for a, b in zip(vals, vals[1:]))
+    learning = all(b < a for a, b in zip(losses, losses[1:]))
+    if not (worse and learning):
+        return None
+    peak = tail[0]["epoch"]
+    return {"code": "overfitting",
+            "message": f"val_{metric} got worse every epoch after epoch {peak} while the train loss kept falling "
+                       f"(overfitting): set train.early_stopping_patience (e.g. 2) to stop there, or train fewer "
+                       f"train.epochs / with more train.weight_decay; the best checkpoint is still the one exported"}
+
+
+def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
+    """Every finding for a run's summary (or the worker's result plus ``config``), in a fixed order."""
+    train = (summary.get("config") or {}).get("train") or {}
+    found = [
+        one_class_predictions(summary.get("val_confusion"), summary.get("label_names"),
+                              train.get("learning_rate", float("nan"))),
+        few_optimizer_steps(int(summary.get("global_step") or 0)),
+        overfitting(summary.get("epochs") or [], summary["eval_metric"], summary["eval_mode"],
+                    train.get("early_stopping_patience")),
+    ]
+    return [d for d in found if d is not None]
+
+
+def check_loss_finite(loss: float, step: int) -> None:
+    """Stop the run at once on a NaN or infinite loss (called where the loop already reads the loss)."""
+    if math.isfinite(loss):
+        return
+    raise LossDiverged(
+        f"the training loss became {loss} by optimizer step {step}: stopped at once, no checkpoint of the diverged "
+        f"weights was taken and completed checkpoints are kept; try a lower train.learning_rate, "
+        f"train.max_grad_norm: 1.0, or train.precision: bf16/fp32 instead of fp16")

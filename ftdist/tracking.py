@@ -1,0 +1,109 @@
+"""TensorBoard event files for a run, written by rank 0 through a narrow interface.
+
+Why a module of its own: the loop only says "here are this log line's numbers" and "here are this
+epoch's"; where they go (local folder, or a local folder uploaded to ``s3://`` at epoch ends and at
+the finish) and whether tracking is on at all is decided here. The loop passes numbers it has
+already read from the device for its log line, so tracking adds no host sync to any step.
+
+Steps on the x-axis are optimizer steps (the loop's ``global_step``), for train and validation
+scalars alike, so curves of one run line up. A resumed run adds a new event file next to the old
+ones (TensorBoard reads them as one run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ftdist import run_folder as layout
+from ftdist import storage
+from ftdist.config import RunConfig, config_record, dump_config, join_uri
+
+
+class Tracker:
+    """What the loop calls. This base class records nothing (tracking off, or a rank other than 0)."""
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Scalars of one log line (``train/loss``, ``train/lr``, ...) at optimizer step ``step``."""
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        """Scalars of one finished epoch (``val/<metric>``, ...); publishes the files to remote storage."""
+
+    def close(self, final: dict[str, float]) -> None:
+        """End of the run: ``final`` metrics (best validation, test) go beside the hyperparameters."""
+
+
+class TensorBoardTracker(Tracker):
+    """tensorboardX's SummaryWriter into ``<run>/tensorboard/`` (a local folder uploaded for remote runs)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.cfg = cfg
+        self.uri = join_uri(cfg.run_uri(), layout.TENSORBOARD)
+        self.remote = storage.is_remote(self.uri)
+        if self.remote:
+            self.local = tempfile.mkdtemp(prefix="ftdist-tb-")
+        else:
+            self.local = storage.local_path(self.uri)
+            os.makedirs(self.local, exist_ok=True)
+        self.writer = SummaryWriter(self.local, flush_secs=30)
+        self.closed = False
+        self.writer.add_text("config", "```\n" + dump_config(cfg) + "\n```", 0)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+        self._publish()
+
+    def close(self, final: dict[str, float]) -> None:
+        from tensorboardX.summary import hparams
+
+        if self.closed:
+            return
+        self.closed = True
+        exp, ssi, sei = hparams(hyperparameters(self.cfg), final)
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        for tag, v in final.items():
+            self.writer.add_scalar(tag, v, 0)
+        self.writer.close()
+        self._publish()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _publish(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            storage.upload_dir(self.local, self.uri, self.cfg.storage)
+
+
+def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """The config's scalar values by dotted key (TensorBoard's HPARAMS tab takes scalars only)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, d: Any) -> None:
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(key, v)
+            elif isinstance(v, bool | int | float | str):
+                out[key] = v
+            elif isinstance(v, list | tuple):
+                out[key] = str(v)
+
+    walk("", config_record(cfg))
+    return out
+
+
+def open_tracker(cfg: RunConfig, rank: int) -> Tracker:
+    """Rank 0's TensorBoard tracker when ``tracking.tensorboard`` is on; a silent one otherwise."""
+    if rank != 0 or not cfg.tracking.tensorboard:
+        return Tracker()
+    return TensorBoardTracker(cfg)
