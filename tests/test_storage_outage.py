@@ -90,12 +90,12 @@ def test_long_outage_exits_1_through_the_cli_and_rerun_resumes(own_s3, tiny_bert
     The data set is on S3 and the run folder on local disk, so the outage meets ftdist's own storage
     layer (the reader) deterministically, rather than Ray's checkpoint upload first in some runs."""
     fs = own_s3.fs()
-    fs.mkdir("outage")
-    fs.put(cls_data, "outage/ds", recursive=True)
+    fs.mkdir("outage-long")  # moto keeps buckets across servers in one process
+    fs.put(cls_data, "outage-long/ds", recursive=True)
     # One attempt against a refused port takes ~4 s (botocore retries inside it): leave room for two of ours.
     tight = {"endpoint_url": own_s3.endpoint, "retries": 2, "retry_budget_s": 12}
     runs = tmp_path / "runs"
-    cfg = base_config(tiny_bert, "s3://outage/ds", str(runs), run={"name": "long"}, train={"epochs": 12},
+    cfg = base_config(tiny_bert, "s3://outage-long/ds", str(runs), run={"name": "long"}, train={"epochs": 12},
                       storage=tight)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -115,7 +115,7 @@ def test_long_outage_exits_1_through_the_cli_and_rerun_resumes(own_s3, tiny_bert
         assert len(last) == 1 and "storage unavailable" in last[0] and "rerun the same command" in last[0], err[-3000:]
         assert "Traceback" not in last[0]
         # A request really fell inside the outage: the retries were logged before giving up.
-        assert "transient storage error on s3://outage/" in out + err, (out + err)[-3000:]
+        assert "transient storage error on s3://outage-long/" in out + err, (out + err)[-3000:]
         own_s3.start()
 
         # The last registered checkpoint is intact...
