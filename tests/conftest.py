@@ -6,11 +6,13 @@ fits 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,30 @@ def s3_bucket(s3_server, request) -> str:
     name = "b-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40] + f"-{random.randrange(10**6)}"
     s3_server.fs().mkdir(name)
     return f"s3://{name}"
+
+
+@contextlib.contextmanager
+def single_process_group_env() -> Iterator[None]:
+    """World size 1 in this process, for the loop without Ray (DeepSpeed reads RANK, WORLD_SIZE, ...
+    on every engine); the environment is restored afterwards."""
+    import socket
+
+    from ftdist.session import init_single_process_group
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                     "MASTER_ADDR": "127.0.0.1"}.items():
+            mp.setenv(k, v)
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                mp.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+        init_single_process_group("cpu")
+        yield
+
+
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[None]:
+    """``single_process_group_env`` for a whole test module."""
+    with single_process_group_env():
+        yield

@@ -7,10 +7,7 @@ deterministic, so a resumed run can be compared with an uninterrupted one exactl
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +21,6 @@ pytestmark = pytest.mark.slow
 
 LR = 1e-2
 STEPS, GAS = 7, 2  # batches per epoch (max_steps_per_epoch) and accumulation: the last window is partial
-
-
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    """World size 1 in this process (DeepSpeed reads the env on every engine); env restored afterwards."""
-    from ftdist.session import init_single_process_group
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                     "MASTER_ADDR": "127.0.0.1"}.items():
-            mp.setenv(k, v)
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                mp.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-        init_single_process_group("cpu")
-        yield
 
 
 def _config(model: str, data: str, root: Path, name: str, stage: int = 0, **train: Any) -> RunConfig:

@@ -8,9 +8,6 @@ device with fp16 support, which this CPU lacks, so fp16 runs here under ``torch_
 from __future__ import annotations
 
 import math
-import os
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,23 +17,6 @@ from ftdist.config import RunConfig, load_config
 from ftdist.engine import resolve_precision
 from ftdist.errors import UserError
 from ftdist.session import LocalSession
-
-
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    """World size 1 in this process (DeepSpeed reads the env on every engine); env restored afterwards."""
-    from ftdist.session import init_single_process_group
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                     "MASTER_ADDR": "127.0.0.1"}.items():
-            mp.setenv(k, v)
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                mp.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-        init_single_process_group("cpu")
-        yield
 
 
 def _config(model: str, data: str, root: str, precision: str, **train: Any) -> RunConfig:

@@ -246,20 +246,11 @@ def test_pbt_segments_and_report_rules():
 
 
 @pytest.fixture
-def single_process_group(monkeypatch):
-    """World size 1 in this process (DeepSpeed reads the env on every engine); env restored afterwards."""
-    import socket
+def single_process_group():
+    from conftest import single_process_group_env
 
-    from ftdist.session import init_single_process_group
-
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(k, v)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-    init_single_process_group("cpu")
+    with single_process_group_env():
+        yield
 
 
 @pytest.mark.slow
@@ -312,6 +303,16 @@ def _sweep_env(ray_tmp: str) -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     # Tune saves its experiment state every second (default: >= 10 s), so the kill test sees it promptly.
     return {**env, "RAY_TMPDIR": ray_tmp, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+
+
+def _tune_once(spec_path: str, prefix: str, timeout: float) -> subprocess.CompletedProcess:
+    """``ftdist tune SPEC`` in its own Ray temp dir; every process it left behind is killed after."""
+    ray_tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # AF_UNIX socket paths must stay short
+    try:
+        return run_cli("tune", spec_path, env=_sweep_env(ray_tmp), timeout=timeout)
+    finally:
+        kill_processes_mentioning(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _write_spec(tmp_path: Path, model: str, cls_data: str, name: str, sweep: dict, **train) -> str:
@@ -476,12 +477,7 @@ def test_pbt_exploits_a_better_trials_checkpoint(tmp_path, tiny_bert, cls_data):
         "scheduler": {"type": "pbt", "perturbation_interval": 1, "burn_in_period": 2, "quantile_fraction": 0.5,
                       "resample_probability": 0.0},
         "num_samples": 1, "max_concurrent_trials": 2}, lr_schedule="constant")
-    ray_tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")
-    try:
-        p = run_cli("tune", spec_path, env=_sweep_env(ray_tmp), timeout=420)
-    finally:
-        kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    p = _tune_once(spec_path, "rp", timeout=420)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     d = tmp_path / "sweeps" / "pbt"
     s = json.loads((d / "sweep_summary.json").read_text())
@@ -582,12 +578,7 @@ def test_cli_sweep_whose_every_trial_errored_exits_1_with_the_first_error(tmp_pa
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     path = _write_spec(tmp_path, str(broken), cls_data, "allfail", {
         "space": {"train.learning_rate": {"grid": [1e-3, 1e-2]}}, "scheduler": {"type": "fifo"}}, epochs=1)
-    ray_tmp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
-    try:
-        p = run_cli("tune", path, env=_sweep_env(ray_tmp), timeout=300)
-    finally:
-        kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    p = _tune_once(path, "ra", timeout=300)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     lines = [l for l in p.stderr.strip().splitlines() if l.startswith("ftdist: error:")]
     assert len(lines) == 1, p.stderr[-2000:]

@@ -4,12 +4,9 @@ a run that learned one class, and a diverged loss stopping the run at once."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import struct
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +19,6 @@ from ftdist.session import LocalSession
 pytestmark = pytest.mark.slow
 
 STEPS, LOG_EVERY = 6, 2
-
-
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    from ftdist.session import init_single_process_group
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                     "MASTER_ADDR": "127.0.0.1"}.items():
-            mp.setenv(k, v)
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                mp.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-        init_single_process_group("cpu")
-        yield
 
 
 def _config(model: str, data: str, root: Path, name: str, **train: Any) -> RunConfig:
