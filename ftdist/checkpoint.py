@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ftdist import run_folder
+
 DS_TAG = "ds"
 STATE_FILE = "ftdist_state.json"
 
@@ -49,8 +51,6 @@ class TrainState:
 
 
 def checkpoint_name(state: TrainState) -> str:
-    from ftdist import run_folder
-
     return run_folder.checkpoint_name(state.epoch, state.batch, state.global_step)
 
 

@@ -16,25 +16,28 @@ from ftdist.errors import UserError
 from ftdist.storage import classify
 
 
-def user_error_from_ray(exc: BaseException) -> UserError | None:
-    """A UserError raised inside a worker arrives wrapped by Ray; recover its one line."""
+def error_line_from_ray(exc: BaseException, error_class: str) -> str | None:
+    """The one line of an ftdist error named ``error_class`` that a worker raised: Ray wraps it and
+    keeps only the remote traceback's text, so it is found there by its class name."""
     text = "\n".join(str(e) for e in _exc_chain(exc))
-    m = re.search(r"UserError: (.+)", text)
-    return UserError(m.group(1)) if m else None
+    m = re.search(rf"{error_class}: (.+)", text)
+    return m.group(1).strip() if m else None
+
+
+def user_error_from_ray(exc: BaseException) -> UserError | None:
+    """A UserError raised inside a worker, as a UserError again."""
+    line = error_line_from_ray(exc, "UserError")
+    return UserError(line) if line is not None else None
 
 
 def storage_outage_from_ray(exc: BaseException) -> str | None:
-    """A worker's StorageUnavailable (storage down beyond the retry budget), wrapped by Ray: its line."""
-    text = "\n".join(str(e) for e in _exc_chain(exc))
-    m = re.search(r"StorageUnavailable: (.+)", text)
-    return m.group(1).strip() if m else None
+    """A worker's StorageUnavailable (storage down beyond the retry budget): its line."""
+    return error_line_from_ray(exc, "StorageUnavailable")
 
 
 def diverged_loss_from_ray(exc: BaseException) -> str | None:
-    """A worker's LossDiverged (NaN or infinite training loss), wrapped by Ray: its line."""
-    text = "\n".join(str(e) for e in _exc_chain(exc))
-    m = re.search(r"LossDiverged: (.+)", text)
-    return m.group(1).strip() if m else None
+    """A worker's LossDiverged (NaN or infinite training loss): its line."""
+    return error_line_from_ray(exc, "LossDiverged")
 
 
 def describe_failure(exc: BaseException) -> str | None:

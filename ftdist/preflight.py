@@ -90,8 +90,7 @@ def check_run_folder(cfg: RunConfig) -> str:
                         f"{', '.join(diff[:5]) or 'unknown'}); use a new run.name (--set run.name=...) or "
                         f"restore the original config to resume")
     if storage.exists(join_uri(run_uri, layout.SUMMARY), cfg.storage):
-        read_json(join_uri(run_uri, layout.SUMMARY), cfg)  # a corrupt summary is one line, not a traceback
-        return "completed"
+        return "completed"  # the caller reads the summary (read_json: a corrupt one is one line)
     check_same_world_size(info, cfg, run_uri)
     return "resume"
 

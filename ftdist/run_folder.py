@@ -6,7 +6,7 @@ one place silently broke another (and the sweep code had to import the launcher 
 for a file name). This module also owns the checkpoint-name format and is the one reader of Ray
 Train's checkpoint registry, whose format is Ray's internal business.
 
-Pure: names and parsing only, plus one storage read; no Ray, no torch.
+Names and parsing, plus the one read of Ray's registry; no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from ftdist import storage
+from ftdist.config import join_uri
 
 CONFIG = "config.yaml"  # the resolved config, secrets redacted, ${env:...} references kept
 RUN_MARKER = "ftdist_run.json"  # fingerprint and world size: resume vs "another config"
@@ -66,9 +69,6 @@ def epoch_end_prefix(epoch: int) -> str:
 def latest_registered(run_uri: str, storage_cfg: Any) -> dict[str, Any]:
     """Ray Train's record of the newest registered checkpoint of a run (``checkpoint_dir_name``,
     ``metrics``), or ``{}`` if the run registered none. The only reader of Ray's registry file."""
-    from ftdist import storage
-    from ftdist.config import join_uri
-
     uri = join_uri(run_uri, RAY_REGISTRY)
     if not storage.exists(uri, storage_cfg):
         return {}

@@ -45,13 +45,10 @@ from ftdist import storage, sweep_folder
 from ftdist.checkpoint import STATE_FILE
 from ftdist.config import RunConfig, join_uri
 from ftdist.errors import UserError
+# trial_name is also importable from here: Tune pickled it by this module's path into the
+# experiment state of sweeps started before it moved to ftdist.sweep_folder.
+from ftdist.sweep_folder import INIT_CHECKPOINT, POINTER, SEGMENT, SEGMENT_MARKER, SPEC, SWEEP_MARKER, trial_name
 from ftdist.sweep_spec import ResolvedSweep, dump_spec, trial_config, warmup_note
-
-# Sweep-folder names live in ftdist.sweep_folder; trial_name stays importable from here too, since
-# Tune pickled it by this module's path into the experiment state of sweeps started before the move.
-from ftdist.sweep_folder import (INIT_CHECKPOINT, POINTER as POINTER_FILE, SEGMENT as _SEGMENT,  # noqa: E402
-                                 SEGMENT_MARKER as SEGMENT_FILE, SPEC as SPEC_FILE, SWEEP_MARKER as SWEEP_FILE,
-                                 trial_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +76,7 @@ def plan_segment(trial: str, pointer: dict[str, Any] | None, segments: dict[str,
     for run, source in segments.items():
         if source == pointer["uri"]:
             return Segment(run, source)
-    n = 1 + max([int(m["n"]) for r in segments if (m := _SEGMENT.match(r))] + [0])
+    n = 1 + max([int(m["n"]) for r in segments if (m := SEGMENT.match(r))] + [0])
     return Segment(f"{trial}-pbt{n}", pointer["uri"])
 
 
@@ -198,7 +195,7 @@ class Reporter:
         pointer = {"trial": self.trial, "run": self.cfg.run.name, "checkpoint": name,
                    "uri": join_uri(self.cfg.run_uri(), name), "epoch": metrics.get("epoch")}
         with tempfile.TemporaryDirectory(prefix="ftdist-pointer-") as d:
-            with open(os.path.join(d, POINTER_FILE), "w") as f:
+            with open(os.path.join(d, POINTER), "w") as f:
                 json.dump(pointer, f)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -212,7 +209,7 @@ def read_pointer(checkpoint: Any) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        path = os.path.join(d, POINTER_FILE)
+        path = os.path.join(d, POINTER)
         if not os.path.exists(path):
             return None
         with open(path) as f:
@@ -237,7 +234,7 @@ def start_from_copy(cfg: RunConfig, seg: Segment, pointer: dict[str, Any] | None
     checkpoints are not in this run), so this segment picks its best among its own epochs.
     """
     dest = join_uri(cfg.run_uri(), INIT_CHECKPOINT)
-    marker = join_uri(cfg.run_uri(), SEGMENT_FILE)
+    marker = join_uri(cfg.run_uri(), SEGMENT_MARKER)
     if storage.exists(marker, cfg.storage) and storage.exists(join_uri(dest, STATE_FILE), cfg.storage):
         return dest
     source = seg.source or ""
@@ -273,7 +270,7 @@ def reset_best_tracking(state_path: str) -> None:
 def check_sweep_folder(rs: ResolvedSweep, resume: bool) -> str:
     """'new' or 'resume'; refuse to mix a sweep with another spec or to start over an existing one."""
     st = rs.base_config.resolved().storage
-    marker = join_uri(rs.sweep_uri, SWEEP_FILE)
+    marker = join_uri(rs.sweep_uri, SWEEP_MARKER)
     exists = storage.exists(marker, st)
     if not resume:
         if exists:
@@ -288,7 +285,7 @@ def check_sweep_folder(rs: ResolvedSweep, resume: bool) -> str:
     saved = json.loads(storage.read_text(marker, st))
     if saved.get("fingerprint") != rs.fingerprint():
         raise UserError(f"sweep folder {rs.sweep_uri} was made by a different spec or base config; resume with the "
-                        f"original spec (saved in {join_uri(rs.sweep_uri, SPEC_FILE)}) or choose another name")
+                        f"original spec (saved in {join_uri(rs.sweep_uri, SPEC)}) or choose another name")
     return "resume"
 
 
@@ -345,8 +342,8 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
         update={"address": addr, "local_num_cpus": local_cluster_cpus(cfg)})}))
     limit, need, cluster = plan_concurrency(rs, local=not addr)
     if state == "new":  # only now: a sweep refused above leaves nothing behind
-        storage.write_text(join_uri(rs.sweep_uri, SPEC_FILE), dump_spec(rs), cfg.storage)
-        storage.write_text(join_uri(rs.sweep_uri, SWEEP_FILE), json.dumps(
+        storage.write_text(join_uri(rs.sweep_uri, SPEC), dump_spec(rs), cfg.storage)
+        storage.write_text(join_uri(rs.sweep_uri, SWEEP_MARKER), json.dumps(
             {"fingerprint": rs.fingerprint(), "created": time.time()}, indent=1), cfg.storage)
     n = total_trials(spec)
     print(f"[ftdist] sweep '{spec.name}': {n} trial(s), {spec.scheduler_type} scheduler, {spec.search.type} search, "

@@ -12,6 +12,9 @@ import json
 import re
 from typing import Any
 
+from ftdist import storage
+from ftdist.config import join_uri
+
 SWEEP_MARKER = "ftdist_sweep.json"  # fingerprint: resume vs "another spec"
 SPEC = "sweep.yaml"  # the resolved spec and base config (secrets redacted)
 SUMMARY = "sweep_summary.json"
@@ -34,9 +37,6 @@ def trial_name(trial: Any) -> str:
 def existing_segments(trials_uri: str, storage_cfg: Any, trial: str) -> dict[str, str | None]:
     """A trial's run folders under ``trials/``: its own (source None) and each PBT segment with the
     checkpoint it started from (None if its marker is missing)."""
-    from ftdist import storage
-    from ftdist.config import join_uri
-
     out: dict[str, str | None] = {}
     for name in storage.listdir(trials_uri, storage_cfg):
         m = SEGMENT.match(name)

@@ -22,11 +22,9 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import join_uri
+from ftdist.sweep_folder import (BEST_MODEL, CURVES_PNG, INIT_CHECKPOINT, PARAMS_PNG, SEGMENT_MARKER, SUMMARY,
+                                 TRIALS_CSV, existing_segments, trial_name)
 from ftdist.sweep_spec import ResolvedSweep
-
-from ftdist.sweep_folder import (BEST_MODEL, CURVES_PNG, INIT_CHECKPOINT, PARAMS_PNG,  # noqa: E402
-                                 SEGMENT_MARKER as SEGMENT_FILE, SUMMARY as SUMMARY_FILE, TRIALS_CSV, existing_segments,
-                                 trial_name)
 
 
 @dataclass
@@ -109,7 +107,7 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
         runs = _ordered_runs(segs)
         exploits = []
         for run in runs[1:]:
-            marker = join_uri(rs.trials_uri, run, SEGMENT_FILE)
+            marker = join_uri(rs.trials_uri, run, SEGMENT_MARKER)
             if storage.exists(marker, st):
                 exploits.append({"run": run, **json.loads(storage.read_text(marker, st))})
         last_run = (rows[-1].get("ftdist_run") if rows else None) or (runs[-1] if runs else name)
@@ -221,7 +219,7 @@ def write_outputs(rs: ResolvedSweep, records: list[TrialRecord], started_at: flo
         t["checkpoint"] = surviving_checkpoint(t, st)
     trained = sum(t["epochs_run"] for t in trials)
     budget = sum(t["max_epochs"] for t in trials)
-    outputs = {"summary": join_uri(uri, SUMMARY_FILE), "trials_csv": join_uri(uri, TRIALS_CSV),
+    outputs = {"summary": join_uri(uri, SUMMARY), "trials_csv": join_uri(uri, TRIALS_CSV),
                "learning_curves": join_uri(uri, CURVES_PNG), "hyperparameters": join_uri(uri, PARAMS_PNG),
                "best_model": best_model}
     summary = {
@@ -244,7 +242,7 @@ def write_outputs(rs: ResolvedSweep, records: list[TrialRecord], started_at: flo
     storage.write_text(join_uri(uri, TRIALS_CSV), trials_csv(rs, trials), st)
     storage.write_bytes(join_uri(uri, CURVES_PNG), plot_learning_curves(rs, trials, best), st)
     storage.write_bytes(join_uri(uri, PARAMS_PNG), plot_hyperparameters(rs, trials, best), st)
-    storage.write_text(join_uri(uri, SUMMARY_FILE), json.dumps(summary, indent=1, default=str), st)
+    storage.write_text(join_uri(uri, SUMMARY), json.dumps(summary, indent=1, default=str), st)
     return summary
 
 
