@@ -26,8 +26,8 @@ GOAL_RATIO = 0.40
 
 
 def run_one(spec_path: str, overrides: list[str], scheduler: str, name: str, resume: bool) -> dict[str, Any]:
-    from ftdist.sweep import run_sweep
-    from ftdist.sweep_report import format_report
+    from ftdist.sweep.driver import run_sweep
+    from ftdist.sweep.report import format_report
 
     rs = _resolve(spec_path, overrides, scheduler, name)
     summary = run_sweep(rs, resume=resume)
@@ -58,7 +58,7 @@ def load_finished(spec_path: str, overrides: list[str], name: str) -> dict[str, 
 
 
 def _resolve(spec_path: str, overrides: list[str], scheduler: str, name: str) -> Any:
-    from ftdist.sweep_spec import load_sweep_spec, resolve_sweep
+    from ftdist.sweep.spec import load_sweep_spec, resolve_sweep
 
     extra = [f"name={name}"] + (["scheduler={type: fifo}"] if scheduler == "fifo" else [])
     return resolve_sweep(load_sweep_spec(spec_path, overrides + extra))

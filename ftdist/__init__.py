@@ -10,7 +10,7 @@ Where things live (the path of the data is the layout of the code):
 - ``loop``        the worker loop; runs with or without Ray
 - ``checkpoint``  what a checkpoint holds and how it is restored; ``export`` the HF model
 - ``launcher``    the Ray Train wiring (driver side)
-- ``sweep``       the Ray Tune wiring; ``submit`` the Ray Job SDK wiring
+- ``sweep/``      the Ray Tune package (spec, space, trial, driver, report); ``submit`` the Ray Job SDK
 """
 
 __version__ = "0.1.0"

@@ -164,11 +164,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ftdist.sweep_spec import load_sweep_spec, resolve_sweep
+    from ftdist.sweep.spec import load_sweep_spec, resolve_sweep
 
     rs = resolve_sweep(load_sweep_spec(args.spec, args.overrides))  # no Ray yet: a bad spec fails in a second
-    from ftdist.sweep import run_sweep
-    from ftdist.sweep_report import every_trial_failed, format_report
+    from ftdist.sweep.driver import run_sweep
+    from ftdist.sweep.report import every_trial_failed, format_report
 
     summary = run_sweep(rs, resume=args.resume, address=args.address)
     print(format_report(summary), flush=True)

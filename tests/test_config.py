@@ -124,7 +124,7 @@ def test_saved_config_of_every_shipped_job_loads_back_to_the_same_fingerprint(pa
 def test_saved_sweep_base_of_every_shipped_spec_loads_back_to_the_same_fingerprint(path, tmp_path, monkeypatch):
     import yaml
 
-    from ftdist.sweep_spec import dump_spec, load_sweep_spec, resolve_sweep
+    from ftdist.sweep.spec import dump_spec, load_sweep_spec, resolve_sweep
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # base.path is relative to the repo root
     rs = resolve_sweep(load_sweep_spec(path))

@@ -63,3 +63,10 @@ def test_no_private_names_imported_across_modules():
                 offenders += [f"{p.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_")]
     assert not offenders, offenders
+
+
+def test_only_the_cli_imports_the_sweep_driver():
+    """The sweep driver sits on top of the sweep package: if a lower module needed it, the package's
+    layers (spec/space/layout -> trial -> driver -> CLI) would be tangled again."""
+    importers = sorted(m for m, deps in import_graph().items() if "ftdist.sweep.driver" in deps)
+    assert importers == ["ftdist.cli"], importers

@@ -471,7 +471,7 @@ def test_configmap_holds_valid_ftdist_configs(build: str, rendered: dict[str, li
     assert sweep["base"] == {"path": "/config/train.yaml"} and sweep["storage_path"].startswith("s3://")
     assert {"train.learning_rate", "train.batch_size", "train.epochs"} <= set(sweep["space"])
     # the sweep spec passes `ftdist tune`'s own schema, checked against the ConfigMap's train.yaml
-    from ftdist.sweep_spec import load_sweep_spec, resolve_sweep
+    from ftdist.sweep.spec import load_sweep_spec, resolve_sweep
 
     rs = resolve_sweep(load_sweep_spec(data=sweep), base_raw=train)
     assert rs.metric == "val_accuracy" and rs.sweep_uri.startswith("s3://")

@@ -22,7 +22,7 @@ import yaml
 from conftest import base_config, run_cli
 from test_cli import kill_processes_mentioning
 from ftdist.errors import UserError
-from ftdist.sweep_spec import Dimension, load_sweep_spec, resolve_sweep, trial_config
+from ftdist.sweep.spec import Dimension, load_sweep_spec, resolve_sweep, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"path": "m"}, "data": {"path": "d"}}
@@ -42,7 +42,7 @@ def spec(**kw) -> dict:
 def test_space_translates_to_tune_samplers():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from ftdist.sweep_space import clamp_to_space, grid_points, param_space, pbt_mutations, total_trials
+    from ftdist.sweep.space import clamp_to_space, grid_points, param_space, pbt_mutations, total_trials
 
     s = load_sweep_spec(data=spec(space={
         "train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "train.weight_decay": {"uniform": [0, 0.1]},
@@ -76,7 +76,7 @@ def test_schedulers_and_searchers_are_built_from_the_spec():
         AsyncHyperBandScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining,
     )
 
-    from ftdist.sweep_space import build_scheduler, build_searcher
+    from ftdist.sweep.space import build_scheduler, build_searcher
 
     def sched(s: dict, **kw):
         return build_scheduler(resolve_sweep(load_sweep_spec(data=spec(scheduler=s, **kw))))
@@ -102,7 +102,7 @@ def test_schedulers_and_searchers_are_built_from_the_spec():
 
 
 def test_warmup_longer_than_the_grace_period_is_flagged():
-    from ftdist.sweep_spec import warmup_note
+    from ftdist.sweep.spec import warmup_note
 
     def note(warmup_hi: float, grace: int):
         return warmup_note(resolve_sweep(load_sweep_spec(data=spec(
@@ -123,7 +123,7 @@ def test_asha_rung_records_survive_a_restore(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
     from ftdist.config import StorageSection
-    from ftdist.sweep_asha import PersistentASHA
+    from ftdist.sweep.asha import PersistentASHA
 
     def fresh() -> PersistentASHA:
         s = PersistentASHA(str(tmp_path / "scheduler" / "asha_rungs.json"), StorageSection(), time_attr="epoch",
@@ -212,8 +212,8 @@ def test_shipped_specs_validate(monkeypatch):
 
 
 def test_pbt_segments_and_report_rules():
-    from ftdist.sweep import is_final_report, plan_segment
-    from ftdist.sweep_report import TrialRecord, checkpoint_epoch, choose_best, classify, dedupe_rows
+    from ftdist.sweep.trial import is_final_report, plan_segment
+    from ftdist.sweep.report import TrialRecord, checkpoint_epoch, choose_best, classify, dedupe_rows
 
     other = {"trial": "trial_b", "run": "trial_b", "checkpoint": "epoch002", "uri": "/s/trials/trial_b/epoch002"}
     assert plan_segment("trial_a", None, {}).run == "trial_a"
@@ -262,7 +262,7 @@ def test_restore_with_perturbed_hyperparameters_at_every_zero_stage(stage, tiny_
     from ftdist.config import load_config
     from ftdist.loop import train_worker
     from ftdist.session import LocalSession
-    from ftdist.sweep import reset_best_tracking
+    from ftdist.sweep.trial import reset_best_tracking
 
     common = {"deepspeed": {"zero_stage": stage}, "train": {"lr_schedule": "constant", "max_steps_per_epoch": 3,
                                                              "epochs": 1, "learning_rate": 1e-2}}
@@ -556,7 +556,7 @@ def test_cli_trial_larger_than_the_cluster_fails_fast(tmp_path, tiny_bert, cls_d
 
 
 def test_every_trial_failed_only_when_no_trial_got_anywhere():
-    from ftdist.sweep_report import every_trial_failed
+    from ftdist.sweep.report import every_trial_failed
 
     def summary(*statuses: str) -> dict:
         return {"sweep": "s", "sweep_dir": "/x", "status": "completed",

@@ -22,9 +22,18 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import join_uri
-from ftdist.sweep_folder import (BEST_MODEL, CURVES_PNG, INIT_CHECKPOINT, PARAMS_PNG, SEGMENT_MARKER, SUMMARY,
-                                 TRIALS_CSV, existing_segments, trial_name)
-from ftdist.sweep_spec import ResolvedSweep
+from ftdist.sweep.layout import (
+    BEST_MODEL,
+    CURVES_PNG,
+    INIT_CHECKPOINT,
+    PARAMS_PNG,
+    SEGMENT_MARKER,
+    SUMMARY,
+    TRIALS_CSV,
+    existing_segments,
+    trial_name,
+)
+from ftdist.sweep.spec import ResolvedSweep
 
 
 @dataclass

@@ -23,8 +23,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftdist.config import (
-    KNOWN_PATHS, TASK_METRICS, RunConfig, is_free_dict_key, absolutize_local_paths, did_you_mean, join_uri,
-    parse_override, read_yaml, set_dotted, validation_message,
+    KNOWN_PATHS,
+    TASK_METRICS,
+    RunConfig,
+    absolutize_local_paths,
+    did_you_mean,
+    is_free_dict_key,
+    join_uri,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    validation_message,
 )
 from ftdist.errors import UserError
 

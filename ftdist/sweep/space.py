@@ -11,8 +11,14 @@ import math
 from typing import Any
 
 from ftdist.errors import UserError
-from ftdist.sweep_spec import (
-    AshaSpec, Dimension, HyperbandSpec, MedianSpec, PbtSpec, ResolvedSweep, SweepSpec,
+from ftdist.sweep.spec import (
+    AshaSpec,
+    Dimension,
+    HyperbandSpec,
+    MedianSpec,
+    PbtSpec,
+    ResolvedSweep,
+    SweepSpec,
 )
 
 #: the time axis every scheduler uses: ftdist reports once per epoch with ``epoch`` = epochs done
@@ -81,13 +87,16 @@ class ClampToSpace:
 def build_scheduler(rs: ResolvedSweep) -> Any:
     """The Tune scheduler; ``max_t`` defaults to the most epochs a trial runs."""
     from ray.tune.schedulers import (
-        FIFOScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining,
+        FIFOScheduler,
+        HyperBandScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
     )
 
     s = rs.spec.scheduler
     if isinstance(s, AshaSpec):
         from ftdist.config import join_uri
-        from ftdist.sweep_asha import RUNGS_FILE, PersistentASHA
+        from ftdist.sweep.asha import RUNGS_FILE, PersistentASHA
 
         return PersistentASHA(join_uri(rs.sweep_uri, RUNGS_FILE), rs.base_config.storage,
                               time_attr=TIME_ATTR, max_t=s.max_t or rs.max_epochs, grace_period=s.grace_period,
@@ -112,8 +121,8 @@ def build_searcher(rs: ResolvedSweep, max_concurrent: int) -> Any:
     spec = rs.spec
     if spec.search.type == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
             import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise UserError("sweep spec: search 'optuna' needs the optuna package; pip install optuna "
                             "(or pip install 'ftdist[optuna]'), or use search 'random'") from None
