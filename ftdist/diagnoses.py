@@ -77,6 +77,20 @@ def overfitting(history: list[dict[str, Any]], metric: str, mode: str,
                        f"train.epochs / with more train.weight_decay; the best checkpoint is still the one exported"}
 
 
+def baseline_wins(test: dict[str, float], baseline: dict[str, Any] | None) -> Diagnosis | None:
+    """Fine-tuning's test macro-F1 is not above the TF-IDF + logistic regression baseline's."""
+    if not baseline or "macro_f1" not in test:
+        return None
+    ours, theirs = test["macro_f1"], baseline["test"]["macro_f1"]
+    if ours > theirs:
+        return None
+    return {"code": "baseline_wins",
+            "message": f"fine-tuning does not beat the TF-IDF + logistic regression baseline on the test split "
+                       f"(macro-F1 {ours:.3f} vs {theirs:.3f}): the bag-of-words model is as good and far cheaper; "
+                       f"to make fine-tuning pay, try more train.epochs, another train.learning_rate or a larger "
+                       f"model"}
+
+
 def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
     """Every finding for a run's summary (or the worker's result plus ``config``), in a fixed order."""
     train = (summary.get("config") or {}).get("train") or {}
@@ -86,6 +100,7 @@ def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
         few_optimizer_steps(int(summary.get("global_step") or 0)),
         overfitting(summary.get("epochs") or [], summary["eval_metric"], summary["eval_mode"],
                     train.get("early_stopping_patience")),
+        baseline_wins(summary.get("test") or {}, (summary.get("baseline") or {}).get("tfidf_logreg")),
     ]
     return [d for d in found if d is not None]
 
