@@ -41,8 +41,9 @@ def one_class_predictions(confusion: list[list[int]] | None, label_names: list[s
     return {"code": "one_class",
             "message": f"the model predicts class '{name}' for {share:.0%} of validation examples (it learned the "
                        f"majority class, not the task): try another train.learning_rate (now {learning_rate:g}; "
-                       f"2e-5..1e-4 suits most BERT-size models), more train.epochs, and train.eval_metric: macro_f1 "
-                       f"so the best checkpoint is not picked by accuracy alone"}
+                       f"2e-5..1e-4 suits most BERT-size models), more train.epochs, train.class_weights: balanced "
+                       f"when the classes are imbalanced, and train.eval_metric: macro_f1 so the best checkpoint is "
+                       f"not picked by accuracy alone"}
 
 
 def few_optimizer_steps(global_step: int) -> Diagnosis | None:
