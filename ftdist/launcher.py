@@ -130,7 +130,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None)),
                      "tfidf_logreg": tfidf_baseline(cfg, len(result.get("test_confusion") or []),
                                                     result.get("label_names"))},
-        "rows": facts["rows"], "wall_time_s": wall,
+        "rows": facts["rows"], "train_token_lengths": facts.get("token_lengths"), "wall_time_s": wall,
         "time_to_first_step_s": (result["first_step_time"] - started_at) if result.get("first_step_time") else None,
         "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if layout.is_checkpoint(n)),
         "versions": library_versions(),

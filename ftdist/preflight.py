@@ -72,7 +72,10 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     if cfg.model.task == "sequence-classification":  # a weight list that does not fit the data set: one line now
         class_weights(cfg.train.class_weights, manifests["train"].label_counts,
                       cfg.model.num_labels or manifests["train"].num_labels or 0)
+    train = manifests["train"]
     return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
+            "token_lengths": {**train.token_lengths, "rows": train.num_rows, "max_length": train.max_length}
+            if train.token_lengths else None,
             "rows": {s: m.num_rows for s, m in manifests.items()}}
 
 
