@@ -118,6 +118,15 @@ class TrainSection(Section):
     log_every_steps: int = Field(50, ge=1)
     compile: bool = False
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU; auto for known GPUs")
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="weighted cross-entropy: 'balanced' (from the train split's label counts) or one "
+                          "weight per class")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "TrainSection":
+        if isinstance(self.class_weights, list) and not all(w > 0 for w in self.class_weights):
+            raise ValueError("train.class_weights must be positive numbers, one per class (or 'balanced')")
+        return self
 
 
 class DeepSpeedSection(Section):
@@ -168,6 +177,9 @@ class StorageSection(Section):
 class TrackingSection(Section):
     tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard/ (rank 0)")
     plots: bool = Field(True, description="learning-curve and confusion-matrix PNGs in <run>/plots/")
+    baseline: bool = Field(True, description="classification: TF-IDF + logistic regression on the same splits")
+    baseline_max_rows: int | None = Field(50_000, ge=1, description="train rows the baseline is fitted on "
+                                          "(the first in shard order, a random sample); null = all")
 
 
 class RunConfig(Section):
@@ -189,6 +201,16 @@ class RunConfig(Section):
         if metric is not None and metric not in metrics:
             raise ValueError(f"train.eval_metric '{metric}' is not reported for task {self.model.task}; "
                              f"choose one of {', '.join(metrics)}")
+        return self
+
+    @model_validator(mode="after")
+    def _class_weights(self) -> "RunConfig":
+        w = self.train.class_weights
+        if w is not None and self.model.task != "sequence-classification":
+            raise ValueError("train.class_weights applies to task sequence-classification only; remove it")
+        labels = self.model.num_labels or (len(self.model.label_names) if self.model.label_names else None)
+        if isinstance(w, list) and labels is not None and len(w) != labels:
+            raise ValueError(class_weights_mismatch(len(w), labels))
         return self
 
     @model_validator(mode="after")
@@ -245,6 +267,12 @@ class RunConfig(Section):
     def unresolved(self) -> RunConfig:
         """The config as written, ``${env:...}`` references kept (``self`` unless made by :meth:`resolved`)."""
         return self._unresolved or self
+
+
+def class_weights_mismatch(given: int, labels: int) -> str:
+    """The one line for a weight list whose length is not the number of classes (config or data set)."""
+    return (f"train.class_weights has {given} weight(s) but there are {labels} classes; give one weight per "
+            f"class in label order, or use train.class_weights: balanced")
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -20,6 +20,12 @@ ONE_CLASS_SHARE = 0.95
 MIN_OPTIMIZER_STEPS = 50
 #: consecutive epochs of a worsening validation metric (with falling train loss) that mean overfitting
 OVERFIT_EPOCHS = 2
+#: share of training examples cut at max_length from which truncation is worth a word
+TRUNCATED_SHARE = 0.10
+#: the train loss must fall by at least this fraction from the first to the last quarter of the log lines
+MIN_LOSS_DROP = 0.02
+#: log lines needed before "the loss is not decreasing" means anything
+MIN_LOG_POINTS = 4
 
 Diagnosis = dict[str, str]
 
@@ -41,8 +47,9 @@ def one_class_predictions(confusion: list[list[int]] | None, label_names: list[s
     return {"code": "one_class",
             "message": f"the model predicts class '{name}' for {share:.0%} of validation examples (it learned the "
                        f"majority class, not the task): try another train.learning_rate (now {learning_rate:g}; "
-                       f"2e-5..1e-4 suits most BERT-size models), more train.epochs, and train.eval_metric: macro_f1 "
-                       f"so the best checkpoint is not picked by accuracy alone"}
+                       f"2e-5..1e-4 suits most BERT-size models), more train.epochs, train.class_weights: balanced "
+                       f"when the classes are imbalanced, and train.eval_metric: macro_f1 so the best checkpoint is "
+                       f"not picked by accuracy alone"}
 
 
 def few_optimizer_steps(global_step: int) -> Diagnosis | None:
@@ -77,6 +84,49 @@ def overfitting(history: list[dict[str, Any]], metric: str, mode: str,
                        f"train.epochs / with more train.weight_decay; the best checkpoint is still the one exported"}
 
 
+def truncated_examples(lengths: dict[str, int] | None) -> Diagnosis | None:
+    """A large share of training examples was cut at ``max_length`` (from ``data prepare``'s token counts:
+    ``truncated_rows``, ``p95``, ``rows``, ``max_length``)."""
+    if not lengths or not lengths.get("rows"):
+        return None
+    share = lengths["truncated_rows"] / lengths["rows"]
+    if share < TRUNCATED_SHARE:
+        return None
+    return {"code": "truncated",
+            "message": f"{share:.0%} of training examples are longer than max_length {lengths['max_length']} tokens "
+                       f"and were truncated (the model never saw their ends): data.max_length: {lengths['p95']} "
+                       f"would keep 95% of them whole (re-prepare the data set with it; cost grows with the length)"}
+
+
+def loss_not_decreasing(train_log: list[list[float]]) -> Diagnosis | None:
+    """The mean train loss of the last quarter of the log lines is not clearly below the first quarter's."""
+    losses = [p[1] for p in train_log]
+    if len(losses) < MIN_LOG_POINTS:
+        return None
+    q = len(losses) // 4
+    first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
+    if last < first * (1 - MIN_LOSS_DROP):
+        return None
+    return {"code": "loss_not_decreasing",
+            "message": f"the training loss did not decrease (mean {first:.4f} over the first log lines, {last:.4f} "
+                       f"over the last): try a lower train.learning_rate if it jumps around, a higher one if it is "
+                       f"flat, more train.warmup_ratio, and check that the labels match the texts"}
+
+
+def baseline_wins(test: dict[str, float], baseline: dict[str, Any] | None) -> Diagnosis | None:
+    """Fine-tuning's test macro-F1 is not above the TF-IDF + logistic regression baseline's."""
+    if not baseline or "macro_f1" not in test:
+        return None
+    ours, theirs = test["macro_f1"], baseline["test"]["macro_f1"]
+    if ours > theirs:
+        return None
+    return {"code": "baseline_wins",
+            "message": f"fine-tuning does not beat the TF-IDF + logistic regression baseline on the test split "
+                       f"(macro-F1 {ours:.3f} vs {theirs:.3f}): the bag-of-words model is as good and far cheaper; "
+                       f"to make fine-tuning pay, try more train.epochs, another train.learning_rate or a larger "
+                       f"model"}
+
+
 def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
     """Every finding for a run's summary (or the worker's result plus ``config``), in a fixed order."""
     train = (summary.get("config") or {}).get("train") or {}
@@ -84,8 +134,11 @@ def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
         one_class_predictions(summary.get("val_confusion"), summary.get("label_names"),
                               train.get("learning_rate", float("nan"))),
         few_optimizer_steps(int(summary.get("global_step") or 0)),
+        loss_not_decreasing(summary.get("train_log") or []),
+        truncated_examples(summary.get("train_token_lengths")),
         overfitting(summary.get("epochs") or [], summary["eval_metric"], summary["eval_mode"],
                     train.get("early_stopping_patience")),
+        baseline_wins(summary.get("test") or {}, (summary.get("baseline") or {}).get("tfidf_logreg")),
     ]
     return [d for d in found if d is not None]
 

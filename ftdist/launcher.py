@@ -20,6 +20,7 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
+from ftdist.baseline import tfidf_baseline
 from ftdist.config import RunConfig, config_record, join_uri
 from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
@@ -126,8 +127,10 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     summary = {
         "run": cfg.run.name, "status": "completed", "resumed": state == "resume", "run_dir": run_uri,
         "config": config_record(cfg), **{k: v for k, v in result.items() if k != "first_step_time"},
-        "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None))},
-        "rows": facts["rows"], "wall_time_s": wall,
+        "baseline": {"majority_class_accuracy": majority_baseline((facts["label_counts"].get("test") or None)),
+                     "tfidf_logreg": tfidf_baseline(cfg, len(result.get("test_confusion") or []),
+                                                    result.get("label_names"))},
+        "rows": facts["rows"], "train_token_lengths": facts.get("token_lengths"), "wall_time_s": wall,
         "time_to_first_step_s": (result["first_step_time"] - started_at) if result.get("first_step_time") else None,
         "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if layout.is_checkpoint(n)),
         "versions": library_versions(),
@@ -155,6 +158,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     if base is not None and "accuracy" in summary["test"]:
         lines.append(f"  majority-class baseline accuracy: {base:.4f} "
                      f"({summary['test']['accuracy'] - base:+.4f} for the fine-tuned model)")
+    tfidf = (summary.get("baseline") or {}).get("tfidf_logreg")
+    if tfidf and "macro_f1" in summary["test"]:
+        sample = f", fitted on a sample of {tfidf['train_rows']} train rows" if tfidf.get("sampled") else ""
+        lines.append(f"  TF-IDF + logistic regression baseline: accuracy {tfidf['test']['accuracy']:.4f}, macro_f1 "
+                     f"{tfidf['test']['macro_f1']:.4f} ({summary['test']['macro_f1'] - tfidf['test']['macro_f1']:+.4f} "
+                     f"macro_f1 for the fine-tuned model{sample})")
     if summary.get("test_per_class"):
         lines += per_class_table(summary["test_per_class"], "test per class")
     tp = summary.get("throughput") or {}

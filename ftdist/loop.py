@@ -37,7 +37,8 @@ from ftdist.data.reader import ShardReader
 from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distributed, reapply_hyperparameters,
                            resolve_precision)
 from ftdist.diagnoses import check_loss_finite
-from ftdist.metrics import causal_lm_metrics, classification_metrics, mfu, peak_tflops, per_class_metrics
+from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
+                            per_class_metrics)
 from ftdist.session import Session
 from ftdist.tracking import Tracker, open_tracker
 
@@ -59,6 +60,7 @@ class Setup:
     train_reader: ShardReader
     steps_per_epoch: int
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
+    class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,10 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
+    weights = class_weights(cfg.train.class_weights, manifests["train"].label_counts, num_labels or 0)
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
-                 train_reader, steps, total)
+                 train_reader, steps, total,
+                 torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -185,7 +189,11 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     if window is not None:
         s.engine.set_gradient_accumulation_boundary(window.last)
     with _autocast(s):
-        loss = s.engine(**inputs).loss
+        if s.class_weights is None:
+            loss = s.engine(**inputs).loss
+        else:  # the model's own loss is unweighted: compute the weighted one from its logits
+            labels = inputs.pop("labels")
+            loss = torch.nn.functional.cross_entropy(s.engine(**inputs).logits.float(), labels, weight=s.class_weights)
     if window is None:
         s.engine.backward(loss)
     else:

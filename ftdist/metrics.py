@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from ftdist.config import class_weights_mismatch
+from ftdist.errors import UserError
+
 # Dense bf16 peak per device, for MFU when train.peak_tflops is not set (vendor figures).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -34,6 +37,24 @@ def majority_baseline(label_counts: list[int] | None) -> float | None:
     if not label_counts or sum(label_counts) == 0:
         return None
     return max(label_counts) / sum(label_counts)
+
+
+def class_weights(spec: str | list[float] | None, label_counts: list[int] | None, num_labels: int) -> list[float] | None:
+    """Weights of the cross-entropy per class, from ``train.class_weights`` and the train split's counts.
+
+    ``balanced`` is scikit-learn's rule, n / (K * count): each class then weighs as much in the loss
+    as any other, whatever its share of the data (a class absent from train gets weight n / K)."""
+    if spec is None:
+        return None
+    if spec == "balanced":
+        if not label_counts:
+            raise UserError("train.class_weights: balanced needs the train split's label counts, which its manifest "
+                            "lacks; re-run `ftdist data prepare` or give one weight per class")
+        n = sum(label_counts)
+        return [n / (num_labels * max(c, 1)) for c in label_counts] + [1.0] * (num_labels - len(label_counts))
+    if len(spec) != num_labels:
+        raise UserError(class_weights_mismatch(len(spec), num_labels))
+    return [float(w) for w in spec]
 
 
 def peak_tflops(configured: float | None, device_type: str) -> float | None:

@@ -19,6 +19,7 @@ from ftdist.config import RunConfig, config_record, dump_config, join_uri
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
 from ftdist.errors import StorageUnavailable, UserError
+from ftdist.metrics import class_weights
 
 
 def prepare_data_if_needed(cfg: RunConfig) -> None:
@@ -68,7 +69,13 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         if m.num_rows < cfg.scaling.num_workers:
             raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
                             f"{cfg.scaling.num_workers}; use fewer workers or more data")
+    if cfg.model.task == "sequence-classification":  # a weight list that does not fit the data set: one line now
+        class_weights(cfg.train.class_weights, manifests["train"].label_counts,
+                      cfg.model.num_labels or manifests["train"].num_labels or 0)
+    train = manifests["train"]
     return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
+            "token_lengths": {**train.token_lengths, "rows": train.num_rows, "max_length": train.max_length}
+            if train.token_lengths else None,
             "rows": {s: m.num_rows for s, m in manifests.items()}}
 
 

@@ -108,6 +108,12 @@ CASES = {
     "config-bad-zero-stage": (lambda w: train(w, deepspeed={"zero_stage": 4}), "'deepspeed.zero_stage'"),
     "config-offload-params-stage": (lambda w: train(w, deepspeed={"offload_params": True}), "needs deepspeed.zero_stage: 3"),
     "config-metric-not-reported": (lambda w: train(w, train={"eval_metric": "perplexity"}), "not reported for task"),
+    "config-class-weights-vs-data": (lambda w: train(w, train={"class_weights": [1.0, 2.0]}),
+                                     "train.class_weights has 2 weight(s) but there are 3 classes"),
+    "config-class-weights-vs-labels": (lambda w: train(w, model={"num_labels": 4}, train={"class_weights": [1, 2]}),
+                                       "train.class_weights has 2 weight(s) but there are 4 classes"),
+    "config-class-weights-negative": (lambda w: train(w, train={"class_weights": [1, 0, 2]}), "must be positive"),
+    "config-class-weights-word": (lambda w: train(w, train={"class_weights": "inverse"}), "'train.class_weights"),
     "config-unset-env-ref": (lambda w: train(w, storage={"options": {"token": "${env:FTDIST_NOT_SET}"}},
                                              data={"path": "s3://bucket/ds"}), "FTDIST_NOT_SET is not set"),
     # --- models

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from ftdist.diagnoses import (check_loss_finite, diagnose, few_optimizer_steps, one_class_predictions,
-                              overfitting)
+from ftdist.diagnoses import (check_loss_finite, diagnose, few_optimizer_steps, loss_not_decreasing,
+                              one_class_predictions, overfitting, truncated_examples)
 from ftdist.errors import LossDiverged, RunFailed
 from ftdist.metrics import per_class_metrics
 
@@ -75,6 +75,30 @@ def test_diagnose_collects_every_finding_of_a_summary():
                "epochs": _history([0.4, 0.4], [1.1, 1.0]), "eval_metric": "accuracy", "eval_mode": "max",
                "config": {"train": {"learning_rate": 5e-5, "early_stopping_patience": None}}}
     assert [d["code"] for d in diagnose(summary)] == ["one_class", "few_optimizer_steps"]
+    summary.update(train_log=[[1, 1.1], [2, 1.1], [3, 1.12], [4, 1.1]],
+                   train_token_lengths={"truncated_rows": 30, "p95": 200, "max": 400, "rows": 100, "max_length": 128})
+    assert [d["code"] for d in diagnose(summary)] == ["one_class", "few_optimizer_steps", "loss_not_decreasing",
+                                                      "truncated"]
+
+
+def test_a_loss_that_does_not_fall_is_diagnosed_from_the_log_lines():
+    flat = [[i, v] for i, v in enumerate([0.69, 0.70, 0.68, 0.71, 0.69, 0.70, 0.70, 0.69])]
+    d = loss_not_decreasing(flat)
+    assert d is not None and d["code"] == "loss_not_decreasing" and "learning_rate" in d["message"]
+    assert "0.6950" in d["message"] and "0.6950" in d["message"].split("first")[1]
+    falling = [[i, v] for i, v in enumerate([1.1, 1.0, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3])]
+    assert loss_not_decreasing(falling) is None
+    rising = [[i, v] for i, v in enumerate([0.5, 0.6, 0.7, 0.9])]
+    assert loss_not_decreasing(rising) is not None
+    assert loss_not_decreasing(flat[:3]) is None  # too few log lines to tell
+
+
+def test_truncation_names_the_share_and_the_length_keeping_95_percent_whole():
+    d = truncated_examples({"truncated_rows": 25, "p95": 212, "max": 900, "rows": 100, "max_length": 128})
+    assert d is not None and d["code"] == "truncated"
+    assert "25%" in d["message"] and "max_length 128" in d["message"] and "data.max_length: 212" in d["message"]
+    assert truncated_examples({"truncated_rows": 9, "p95": 120, "max": 900, "rows": 100, "max_length": 128}) is None
+    assert truncated_examples(None) is None  # a raw-text data set: prepare did not tokenize
 
 
 def test_a_non_finite_loss_stops_with_one_line_naming_the_step_and_what_to_try():

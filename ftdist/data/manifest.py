@@ -48,6 +48,8 @@ class Manifest:
     columns: dict[str, str] = field(default_factory=dict)
     source: str | None = None
     prepare: dict[str, Any] | None = None  # the PrepareSection that built it (to detect a changed spec)
+    #: tokenized sets: {truncated_rows, p95, max} of the token counts before truncation (the truncation diagnosis)
+    token_lengths: dict[str, int] | None = None
 
     def to_json(self) -> str:
         d = {"format": FORMAT, "version": VERSION, **self.__dict__,
@@ -97,7 +99,8 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
     m = Manifest(split=d["split"], task=d["task"], num_rows=d["num_rows"],
                  shards=[ShardInfo(**s) for s in d["shards"]], max_length=d["max_length"],
                  tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
-                 columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"))
+                 columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"),
+                 token_lengths=d.get("token_lengths"))
     if m.num_rows == 0 or not m.shards:
         raise UserError(f"data set split '{split_uri}' is empty (0 rows); prepare it with more data or "
                         f"change the --split fractions")
@@ -146,6 +149,10 @@ def _schema_problem(d: dict[str, Any]) -> str | None:
          and all(isinstance(v, str) for v in d.get("columns", {}).values()), "an object of column types"),
         ("source", d.get("source") is None or isinstance(d["source"], str), "a string or null"),
         ("prepare", d.get("prepare") is None or isinstance(d["prepare"], dict), "an object or null"),
+        ("token_lengths", d.get("token_lengths") is None or (
+            isinstance(d["token_lengths"], dict) and set(d["token_lengths"]) == {"truncated_rows", "p95", "max"}
+            and all(_is_count(v) for v in d["token_lengths"].values())),
+         "null or an object of counts truncated_rows, p95, max"),
     ]
     for key, ok, want in checks:
         if not ok:

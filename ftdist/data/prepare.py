@@ -142,6 +142,7 @@ class _SplitWriter:
     labels: list[int] = field(default_factory=list)
     shards: list[ShardInfo] = field(default_factory=list)
     label_counts: dict[int, int] = field(default_factory=dict)
+    full_lengths: list[int] = field(default_factory=list)  # tokens before truncation, per written row
 
     def add(self, sample_id: int, text: str, label: int | None, tok: Any, max_length: int) -> None:
         self.ids.append(sample_id)
@@ -168,6 +169,7 @@ class _SplitWriter:
         cols: dict[str, pa.Array] = {"sample_id": pa.array([self.ids[i] for i in idx], pa.int64())}
         if self.tokenize:
             enc = tokenize(tok, texts, max_length)
+            self.full_lengths += untruncated_lengths(tok, texts, enc, max_length)
             cols["input_ids"] = pa.array(enc, pa.list_(pa.int32()))
             cols["length"] = pa.array([len(e) for e in enc], pa.int32())
         if self.keep_text or not self.tokenize:
@@ -188,6 +190,27 @@ def tokenize(tok: Any, texts: list[str], max_length: int) -> list[list[int]]:
     Shared by ``prepare`` and the reader's on-the-fly path so both give identical ids."""
     return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True,
                return_attention_mask=False)["input_ids"]
+
+
+def untruncated_lengths(tok: Any, texts: list[str], enc: list[list[int]], max_length: int) -> list[int]:
+    """Each text's token count before truncation; only rows that hit ``max_length`` are tokenized again."""
+    out = [len(e) for e in enc]
+    long = [i for i, n in enumerate(out) if n >= max_length]
+    if long:
+        full = tok([texts[i] for i in long], truncation=False, add_special_tokens=True,
+                   return_attention_mask=False, verbose=False)["input_ids"]
+        for i, ids in zip(long, full):
+            out[i] = len(ids)
+    return out
+
+
+def length_stats(lengths: list[int], max_length: int) -> dict[str, int] | None:
+    """What the truncation diagnosis needs: rows cut at ``max_length``, and the length keeping 95% whole."""
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    return {"truncated_rows": sum(n > max_length for n in ordered),
+            "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], "max": ordered[-1]}
 
 
 def shard_columns(tokenized: bool, keep_text: bool, labelled: bool) -> dict[str, str]:
@@ -310,6 +333,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                 tokenizer=tokenizer_fingerprint(tok) if spec.tokenize else None,
                 label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
+                token_lengths=length_stats(w.full_lengths, max_length) if spec.tokenize else None,
                 columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None),
                 source=redact_uri(spec.input), prepare=spec_record(spec, task, seed, max_length))
             with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:
