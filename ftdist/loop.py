@@ -34,6 +34,7 @@ from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
+from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distributed, reapply_hyperparameters,
                            resolve_precision)
 from ftdist.diagnoses import check_loss_finite
@@ -220,7 +221,7 @@ def _log(s: Setup, msg: str) -> None:
 
 
 def evaluate(s: Setup, split: str, predictions: bool = False
-             ) -> tuple[dict[str, float], list[tuple[int, int]], list[list[int]] | None]:
+             ) -> tuple[dict[str, float], list[tuple[int, int, list[float]]], list[list[int]] | None]:
     """Loss and task metrics over a whole split, summed across ranks (every rank runs the same
     number of batches, which ZeRO-3's parameter gathering needs), the predictions if asked, and
     the summed confusion matrix (classification; per-class figures, plots and diagnoses use it)."""
@@ -229,7 +230,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
     k = s.num_labels or 1
     confusion = torch.zeros(k, k, dtype=torch.long)
     loss_sum, count = 0.0, 0.0
-    preds: list[tuple[int, int]] = []
+    preds: list[tuple[int, int, list[float]]] = []
     engine.eval()
     with torch.no_grad():
         for rows in reader.batches(0):
@@ -242,7 +243,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
                 confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
                 loss_sum += out.loss.item() * len(rows)
                 if predictions:
-                    preds.extend(zip(batch["sample_id"].tolist(), pred.tolist()))
+                    preds.extend(zip(batch["sample_id"].tolist(), pred.tolist(), class_scores(out.logits)))
             else:
                 n_tok = (batch["labels"][:, 1:] != -100).sum().item()
                 loss_sum += out.loss.item() * n_tok
@@ -381,7 +382,8 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
 
     model_uri = join_uri(cfg.run_uri(), layout.MODEL)
     export_model(s.engine, cfg, s.tokenizer, model_uri, session.rank,
-                 extra={"best_epoch": state.best_epoch, "test": test, "label_names": s.label_names})
+                 extra={"best_epoch": state.best_epoch, "test": test, "label_names": s.label_names,
+                        "max_length": s.manifests["train"].max_length or cfg.data.max_length})
     node_ids: list[Any] = [session.node_id()]
     if dist.is_initialized() and dist.get_world_size() > 1:
         node_ids = [None] * dist.get_world_size()
@@ -406,7 +408,8 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     storage.write_text(join_uri(cfg.run_uri(), layout.RESULT), json.dumps(result, indent=1), cfg.storage)
     if preds:
         storage.write_text(join_uri(cfg.run_uri(), layout.PREDICTIONS),
-                           "".join(json.dumps({"sample_id": i, "prediction": p}) + "\n" for i, p in preds), cfg.storage)
+                           "".join(json.dumps({"sample_id": i, "prediction": p, "scores": sc}) + "\n"
+                                   for i, p, sc in preds), cfg.storage)
     return result
 
 

@@ -1,0 +1,35 @@
+"""Tiny exported models for the deployment tests, written by ftdist's own exporter.
+
+A model built from a config (seeded), wrapped the way ``export_model`` sees a ZeRO-0/1/2 engine (it
+reads ``engine.module``), and exported with a run config, so the folder is exactly what a training
+run leaves in ``<run>/model``: safetensors, config, tokenizer, and ``ftdist_export.json`` last.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from conftest import NAMES, base_config
+
+
+def export_tiny(base: str, out: Path, task: str = "sequence-classification", max_length: int = 16,
+                seed: int = 0) -> str:
+    """Export the tiny model at ``base`` (a save_pretrained folder) with a fresh, seeded task head."""
+    import torch
+
+    from ftdist.config import ModelSection, load_config
+    from ftdist.export import export_model
+    from ftdist.modeling import load_model, load_tokenizer
+
+    cfg = load_config(data=base_config(base, str(out.parent / "data"), str(out.parent / "runs"),
+                                       model={"task": task}, run={"name": "tiny"}))
+    tok = load_tokenizer(base)
+    labels = NAMES if task == "sequence-classification" else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_model(ModelSection(path=base, task=task), len(labels) if labels else None, labels,
+                           tok.pad_token_id)
+    export_model(types.SimpleNamespace(module=model), cfg, tok, str(out), rank=0,
+                 extra={"best_epoch": 1, "test": {}, "label_names": labels, "max_length": max_length})
+    return str(out)
