@@ -212,6 +212,8 @@ class RunConfig(Section):
     def _multitask_data_path(cls, raw: Any) -> Any:
         # Multi-task (ftdist.multitask): data.path defaults to the first task's data set, so data:
         # keeps only the settings every task shares (max_length, shuffle_buffer, ...).
+        if isinstance(raw, dict) and raw.get("tasks") == []:
+            raise ValueError("tasks: is empty; list at least one task (or remove tasks: for a single-task run)")
         if isinstance(raw, dict) and isinstance(raw.get("tasks"), list) and raw["tasks"]:
             first = raw["tasks"][0]
             path = first.get("data", {}).get("path") if isinstance(first, dict) and isinstance(first.get("data"), dict) else None
@@ -224,8 +226,6 @@ class RunConfig(Section):
     def _tasks(self) -> "RunConfig":
         if self.tasks is None:
             return self
-        if not self.tasks:
-            raise ValueError("tasks: is empty; list at least one task (or remove tasks: for a single-task run)")
         if self.model.task != "sequence-classification":
             raise ValueError("tasks: needs model.task sequence-classification (the shared encoder's heads classify)")
         if self.data.prepare is not None:
