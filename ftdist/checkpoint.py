@@ -43,6 +43,7 @@ class TrainState:
     train_log: list[list[float]] = field(default_factory=list)  # [optimizer step, train loss] per log line (rank 0)
     val_confusions: dict[str, list[list[int]]] = field(default_factory=dict)  # validation confusion by epoch
     samples: dict[str, list[int]] = field(default_factory=dict)  # this rank's trained ids by epoch
+    tasks: dict[str, Any] = field(default_factory=dict)  # multi-task: each task's stream position (ftdist.multitask)
 
     def to_json(self) -> str:
         d = asdict(self)

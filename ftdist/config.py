@@ -182,6 +182,29 @@ class TrackingSection(Section):
                                           "(the first in shard order, a random sample); null = all")
 
 
+class TaskDataSection(Section):
+    """A multi-task run's data set for one task: a prepared folder/URI, optionally built from ``prepare``."""
+
+    path: str = Field(..., description="prepared data set prefix holding train/ validation/ test/")
+    prepare: PrepareSection | None = None
+
+
+class TaskSpec(Section):
+    """One task of a multi-task run: its own data set and classification head on the shared encoder."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="names the head and its export folder")
+    data: TaskDataSection
+    type: Literal["sequence-classification"] = "sequence-classification"
+    label_names: list[str] | None = Field(None, description="default: the data set's label names")
+    loss_weight: float = Field(1.0, gt=0, description="this task's loss is multiplied by it in training")
+
+
+class MultitaskSection(Section):
+    sampling: Literal["proportional", "temperature", "equal"] = Field(
+        "proportional", description="which task each batch comes from (README: Multi-task fine-tuning)")
+    temperature: float = Field(2.0, ge=1, description="sampling temperature: p(task) ~ batches^(1/T)")
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -191,8 +214,45 @@ class RunConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tasks: list[TaskSpec] | None = Field(None, description="multi-task: one head per task on model.path's encoder")
+    multitask: MultitaskSection = Field(default_factory=MultitaskSection)
     #: the config with its ``${env:...}`` references, on a copy made by :meth:`resolved`
     _unresolved: RunConfig | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multitask_data_path(cls, raw: Any) -> Any:
+        # Multi-task (ftdist.multitask): data.path defaults to the first task's data set, so data:
+        # keeps only the settings every task shares (max_length, shuffle_buffer, ...).
+        if isinstance(raw, dict) and raw.get("tasks") == []:
+            raise ValueError("tasks: is empty; list at least one task (or remove tasks: for a single-task run)")
+        if isinstance(raw, dict) and isinstance(raw.get("tasks"), list) and raw["tasks"]:
+            first = raw["tasks"][0]
+            path = first.get("data", {}).get("path") if isinstance(first, dict) and isinstance(first.get("data"), dict) else None
+            data = raw.get("data")
+            if path and (data is None or (isinstance(data, dict) and "path" not in data)):
+                raw = {**raw, "data": {**(data or {}), "path": path}}
+        return raw
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "RunConfig":
+        if self.tasks is None:
+            return self
+        if self.model.task != "sequence-classification":
+            raise ValueError("tasks: needs model.task sequence-classification (the shared encoder's heads classify)")
+        if self.data.prepare is not None:
+            raise ValueError("data.prepare does not apply to a multi-task run; put prepare: under each tasks[].data")
+        if self.model.label_names or self.model.num_labels:
+            raise ValueError("model.label_names/num_labels do not apply to a multi-task run; "
+                             "set tasks[].label_names per task")
+        seen: set[str] = set()
+        for t in self.tasks:
+            if t.name == "multitask":
+                raise ValueError("tasks: 'multitask' is reserved (the multi-head export's folder); rename the task")
+            if t.name in seen:
+                raise ValueError(f"tasks: two tasks are named '{t.name}'; give each task its own name")
+            seen.add(t.name)
+        return self
 
     @model_validator(mode="after")
     def _metric(self) -> "RunConfig":
@@ -430,6 +490,10 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     if cfg.data.prepare is not None:
         cfg.data.prepare.input = fix(cfg.data.prepare.input)  # type: ignore[assignment]
     cfg.storage.path = fix(cfg.storage.path)  # type: ignore[assignment]
+    for t in cfg.tasks or []:
+        t.data.path = fix(t.data.path)  # type: ignore[assignment]
+        if t.data.prepare is not None:
+            t.data.prepare.input = fix(t.data.prepare.input)  # type: ignore[assignment]
     return cfg
 
 

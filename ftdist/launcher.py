@@ -26,6 +26,7 @@ from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
 from ftdist.failures import describe_failure, diverged_loss_from_ray, storage_outage_from_ray, user_error_from_ray
 from ftdist.metrics import majority_baseline
+from ftdist.multitask.preflight import add_task_summary, multitask_preflight, task_lines
 from ftdist.plots import write_run_plots
 from ftdist.preflight import (check_run_folder, preflight, prepare_data_if_needed, read_json,
                               unreachable_storage_is_a_user_error, write_run_marker)
@@ -96,8 +97,11 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
             print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
                   f"{join_uri(run_uri, layout.SUMMARY)})")
             return summary
-        prepare_data_if_needed(cfg)
-        facts = preflight(cfg)
+        if cfg.tasks:
+            facts = multitask_preflight(cfg)
+        else:
+            prepare_data_if_needed(cfg)
+            facts = preflight(cfg)
     if state == "new":
         write_run_marker(cfg)
     else:
@@ -135,6 +139,8 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         "checkpoints": sorted(n for n in storage.listdir(run_uri, cfg.storage) if layout.is_checkpoint(n)),
         "versions": library_versions(),
     }
+    if cfg.tasks:
+        add_task_summary(summary, facts)
     summary["diagnoses"] = diagnose(summary)
     write_run_plots(cfg, summary)
     storage.write_text(join_uri(run_uri, layout.SUMMARY), json.dumps(summary, indent=1), cfg.storage)
@@ -153,7 +159,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  best epoch {summary['best_epoch']} by val_{metric}"
                  + (" (stopped early)" if summary.get("stopped_early") else ""))
     test = "  ".join(f"{k} {v:.4f}" for k, v in summary["test"].items())
-    lines.append(f"  test: {test}")
+    lines.append(f"  test: {test}" + (" (mean over tasks)" if summary.get("tasks") else ""))
+    lines += task_lines(summary)
     base = (summary.get("baseline") or {}).get("majority_class_accuracy")
     if base is not None and "accuracy" in summary["test"]:
         lines.append(f"  majority-class baseline accuracy: {base:.4f} "

@@ -119,4 +119,9 @@ def worker_entry(config: dict[str, Any]) -> None:
     quiet_library_noise()
     # The config arrives with its ${env:...} references (never their values): resolve them here.
     cfg = RunConfig.model_validate(config["config"]).resolved()
+    if cfg.tasks:
+        from ftdist.multitask.loop import train_worker as train_multitask
+
+        train_multitask(cfg, RaySession(cfg, config.get("restore_from")))
+        return
     train_worker(cfg, RaySession(cfg, config.get("restore_from")))

@@ -25,6 +25,7 @@ SUMMARY = "summary.json"  # written last by the driver: the run is complete
 RESULT = "train_result.json"  # the worker-side result (rank 0)
 PREDICTIONS = "test_predictions.jsonl"  # test predictions by sample_id
 MODEL = "model"  # the HF export of the best checkpoint
+MULTITASK_HEADS = "multitask"  # multi-task runs: model/<task>/ per task, model/multitask/ the multi-head weights
 TENSORBOARD = "tensorboard"  # TensorBoard event files (rank 0): `tensorboard --logdir <storage.path>`
 LEARNING_CURVES_PNG = "plots/learning_curves.png"  # train loss per log step, validation metric per epoch
 CONFUSION_MATRIX_PNG = "plots/confusion_matrix.png"  # classification: the best checkpoint on the test split

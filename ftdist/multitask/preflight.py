@@ -1,0 +1,50 @@
+"""The driver side of a multi-task run: every task's data set built and checked before any worker
+starts, and the per-task part of the summary (test metrics against majority baselines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftdist.config import RunConfig
+from ftdist.metrics import majority_baseline
+from ftdist.multitask.spec import check_task_data, task_views
+from ftdist.preflight import preflight, prepare_data_if_needed
+
+
+def multitask_preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Prepare (on first use) and check each task's data set; facts per task (label counts, rows).
+
+    The top-level ``label_counts``/``rows`` are the first task's, the keys a single-task run has."""
+    per_task: dict[str, Any] = {}
+    for i, (task, view) in enumerate(task_views(cfg)):
+        prepare_data_if_needed(view)
+        names = check_task_data(cfg, i, task)
+        view.model.num_labels = len(names)
+        per_task[task.name] = preflight(view)
+    first = next(iter(per_task.values()))
+    return {**first, "tasks": per_task}
+
+
+def add_task_summary(summary: dict[str, Any], facts: dict[str, Any]) -> None:
+    """Each task's majority baseline beside its test metrics; the run's baseline is their mean
+    (comparable with the combined test accuracy, itself the mean over tasks)."""
+    baselines = []
+    for name, t in summary.get("tasks", {}).items():
+        f = facts["tasks"][name]
+        base = majority_baseline(f["label_counts"].get("test") or None)
+        t["baseline"] = {"majority_class_accuracy": base}
+        t["rows"] = f["rows"]
+        if base is not None:
+            baselines.append(base)
+    summary["baseline"] = {"majority_class_accuracy": sum(baselines) / len(baselines) if baselines else None}
+
+
+def task_lines(summary: dict[str, Any]) -> list[str]:
+    """The per-task lines of the end-of-run report."""
+    out = []
+    for name, t in (summary.get("tasks") or {}).items():
+        test = "  ".join(f"{k} {v:.4f}" for k, v in t["test"].items())
+        base = (t.get("baseline") or {}).get("majority_class_accuracy")
+        vs = f"  (majority baseline {base:.4f})" if base is not None else ""
+        out.append(f"  task {name}: test {test}{vs}; model {t['model_uri']}")
+    return out

@@ -1,0 +1,77 @@
+"""Multi-task configs: the tasks: schema, each bad config refused before training in one line
+(exit 2, nothing written), and a task's view of the run config. In-process CLI, no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config
+from ftdist.cli import main
+from ftdist.config import load_config
+from ftdist.multitask.spec import task_views
+
+
+def mt_config(model: str, tasks: list[dict], root: Path, **sections) -> dict:
+    raw = base_config(model, "unused", str(root / "runs"), **sections)
+    del raw["data"]["path"]
+    raw["tasks"] = tasks
+    return raw
+
+
+def run_cli(raw: dict, root: Path, capsys) -> tuple[int, list[str]]:
+    p = root / "job.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    code = main(["train", str(p)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.strip().splitlines() if line.strip()]
+
+
+CASES = {
+    "duplicate-names": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}, {"name": "a", "data": {"path": d["cls"]}}],
+                        "two tasks are named 'a'"),
+    "wrong-task-type": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}, {"name": "lm", "data": {"path": d["clm"]}}],
+                        "tasks[1] ('lm'): data set"),
+    "label-count": (lambda d: [{"name": "a", "data": {"path": d["cls"]}, "label_names": ["no", "yes"]}],
+                    "label_names has 2 names but data set"),
+    "reserved-name": (lambda d: [{"name": "multitask", "data": {"path": d["cls"]}}], "'multitask' is reserved"),
+    "empty": (lambda d: [], "tasks: is empty"),
+    "bad-name": (lambda d: [{"name": "a b", "data": {"path": d["cls"]}}], "tasks.0.name"),
+    "missing-data": (lambda d: [{"name": "a", "data": {"path": d["root"] + "/nope"}}], "does not exist"),
+    "zero-weight": (lambda d: [{"name": "a", "data": {"path": d["cls"]}, "loss_weight": 0}], "tasks.0.loss_weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_multitask_config_is_one_line_exit_2_before_training(name, tiny_bert, cls_data, clm_data, tmp_path, capsys):
+    tasks, fragment = CASES[name]
+    raw = mt_config(tiny_bert, tasks({"cls": cls_data, "clm": clm_data, "root": str(tmp_path)}), tmp_path)
+    code, lines = run_cli(raw, tmp_path, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ftdist: error:"), lines
+    assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists(), "a refused config wrote a run folder"
+
+
+def test_model_labels_are_refused_with_tasks(tiny_bert, cls_data, tmp_path, capsys):
+    raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}}], tmp_path)
+    raw["model"]["label_names"] = ["x", "y", "z"]
+    code, lines = run_cli(raw, tmp_path, capsys)
+    assert code == 2 and "set tasks[].label_names per task" in lines[0], lines
+
+
+def test_task_view_is_a_single_task_config_on_that_tasks_data(tiny_bert, cls_data, tmp_path):
+    raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}},
+                                {"name": "b", "data": {"path": "rel/b"}, "label_names": ["n", "p"]}],
+                    tmp_path, data={"max_length": 32})
+    cfg = load_config(data=raw)
+    assert cfg.data.path == cls_data and cfg.data.max_length == 32  # data.path defaults to the first task's
+    (ta, va), (tb, vb) = task_views(cfg)
+    assert vb.tasks is None and vb.data.path == str(Path("rel/b").resolve()) and vb.data.max_length == 32
+    assert vb.model.label_names == ["n", "p"] and vb.model.num_labels == 2 and va.model.num_labels is None
+    assert cfg.multitask.sampling == "proportional"
+    swept = load_config(data=raw, overrides=["multitask.sampling=temperature", "multitask.temperature=3"])
+    assert (swept.multitask.sampling, swept.multitask.temperature) == ("temperature", 3.0)
+    assert swept.fingerprint() != cfg.fingerprint()
