@@ -34,7 +34,7 @@ from ftdist.config import StorageSection, join_uri
 from ftdist.errors import UserError
 from ftdist.export import EXPORT_MARKER
 from ftdist.redaction import redact_uri
-from ftdist.sweep_folder import BEST_MODEL
+from ftdist.sweep.layout import BEST_MODEL
 
 CLASSIFICATION = "sequence-classification"
 CAUSAL_LM = "causal-lm"
