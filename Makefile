@@ -40,12 +40,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy ftdist
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 # The edit loop: every test not marked slow (no Ray cluster, no training run); the full suite is `make test`.
 test-fast: $(STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy ftdist
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
 clean:

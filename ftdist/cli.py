@@ -41,7 +41,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (like every other user error) and exit 2."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         self.exit(2, f"ftdist: error: {message}; see `{self.prog} --help`\n")
 
 

@@ -78,6 +78,6 @@ def _exc_chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(e))
         yield e
-        stack += [e.__cause__, e.__context__] + list(getattr(e, "exceptions", []) or [])
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None] + list(getattr(e, "exceptions", []) or [])
         stack += [v for v in getattr(e, "worker_failures", {}).values()] if isinstance(
             getattr(e, "worker_failures", None), dict) else []

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from typing import Any
 
 from ftdist.config import RunConfig
 from ftdist.errors import UserError
@@ -41,7 +42,7 @@ def connect_ray(cfg: RunConfig) -> None:
     # machine that fails, and Train's PlacementGroupCleaner then never frees the resources of a run
     # whose controller was killed (every trial a Tune scheduler stops). Pin the dashboard port and
     # name it in the environment the cluster's processes inherit.
-    dashboard = {}
+    dashboard: dict[str, Any] = {}
     if "RAY_API_SERVER_ADDRESS" not in os.environ:
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

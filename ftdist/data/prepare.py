@@ -277,7 +277,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                         f"choose another --output or pass --overwrite")
     if spec.tokenize and not tokenizer_path:
         raise UserError("tokenizing needs a tokenizer; pass --model (or --raw-text to tokenize on the fly)")
-    tok = load_tokenizer(tokenizer_path, trust_remote_code=False) if spec.tokenize else None
+    tok = load_tokenizer(tokenizer_path, trust_remote_code=False) if spec.tokenize and tokenizer_path else None
     fmt = detect_format(spec.input, spec.format)
     columns = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
 

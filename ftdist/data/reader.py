@@ -31,7 +31,7 @@ import hashlib
 import io
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,12 +150,13 @@ class ShardReader:
         """Raw-text slice -> the columns a prepared shard has (same ids ``prepare`` would have written)."""
         from ftdist.data.prepare import tokenize
 
+        assert self.max_length is not None  # checked in __init__ for raw-text splits
         enc = tokenize(self.tokenizer, table.column("text").to_pylist(), self.max_length)
         table = table.drop_columns(["text"])
         table = table.append_column("input_ids", pa.array(enc, pa.list_(pa.int32())))
         return table.append_column("length", pa.array([len(e) for e in enc], pa.int32()))
 
-    def _tables(self, plan: EpochPlan) -> Iterator[pa.Table]:
+    def _tables(self, plan: EpochPlan) -> Generator[pa.Table, None, None]:
         """Slices in plan order, read ahead by a background thread."""
         if self.prefetch <= 0:
             for sl in plan.slices:
@@ -198,7 +199,7 @@ class ShardReader:
             stop.set()
             th.join(timeout=30)  # at most one slice read in flight; never leave a reader behind
 
-    def _rows(self, epoch: int, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+    def _rows(self, epoch: int, plan: EpochPlan) -> Generator[dict[str, Any], None, None]:
         rng = epoch_rng(self.seed, epoch, self.rank + 1)
         buf: list[dict[str, Any]] = []
         tables = self._tables(plan)

@@ -124,11 +124,12 @@ def collect_trials(rs: ResolvedSweep) -> list[TrialRecord]:
         result = json.loads(storage.read_text(res_uri, st)) if storage.exists(res_uri, st) else None
         err = None
         if t.status == "ERROR":
-            err = _error_line(t.get_error() or "")
+            err = _error_line(str(t.get_error() or ""))
         inherited = {e["run"]: checkpoint_epoch(e.get("copied") or e.get("source") or "") for e in exploits}
         trained = [epochs_reached(join_uri(rs.trials_uri, run), st) for run in runs]
-        total = (sum(max(0, n - inherited.get(run, 0)) for run, n in zip(runs, trained))
-                 if runs and None not in trained else None)
+        counted = [n for n in trained if n is not None]
+        total = (sum(max(0, n - (inherited.get(run) or 0)) for run, n in zip(runs, counted))
+                 if runs and len(counted) == len(trained) else None)
         records.append(TrialRecord(name, t.status, {k: _plain(t.config.get(k)) for k in rs.spec.space}, rows,
                                    runs or [name], exploits, result, err, total))
     return records
@@ -191,7 +192,7 @@ def trial_entry(rs: ResolvedSweep, rec: TrialRecord) -> dict[str, Any]:
     epochs = int(rec.config.get("train.epochs", base_epochs))
     status, reason = classify(rec, epochs, rs.spec.scheduler_type)
     curve = [(r["epoch"], r.get(rs.metric)) for r in rec.rows]
-    values = [v for _, v in curve]
+    values = [v for _, v in curve if v is not None]
     best = best_of(values, rs.mode)
     best_epoch = next((e for e, v in curve if v == best), None) if best is not None else None
     result = rec.result or {}
@@ -364,7 +365,7 @@ def plot_hyperparameters(rs: ResolvedSweep, trials: list[dict[str, Any]], best: 
     for i, key in enumerate(keys, start=1):
         ax = fig.add_subplot(1, len(keys), i)
         dim = rs.spec.space[key]
-        cats = None if dim.is_range else [json.dumps(v) for v in dim.values]
+        cats = [] if dim.is_range else [json.dumps(v) for v in dim.values]
         numeric_cats = not dim.is_range and all(isinstance(v, (int, float)) for v in dim.values)
         for t in trials:
             if t["best_metric"] is None:
@@ -377,7 +378,7 @@ def plot_hyperparameters(rs: ResolvedSweep, trials: list[dict[str, Any]], best: 
                            "tab:blue" if t["status"] == "completed" else "tab:gray"))
         if dim.kind == "loguniform":
             ax.set_xscale("log")
-        if cats is not None and not numeric_cats:
+        if not dim.is_range and not numeric_cats:
             ax.set_xticks(range(len(cats)), cats)
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {rs.metric}")

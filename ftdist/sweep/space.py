@@ -30,8 +30,10 @@ def tune_domain(dim: Dimension, search_type: str) -> Any:
     from ray import tune
 
     if dim.kind == "loguniform":
+        assert dim.low is not None and dim.high is not None  # a range: the spec checked both bounds
         return tune.loguniform(dim.low, dim.high)
     if dim.kind == "uniform":
+        assert dim.low is not None and dim.high is not None
         return tune.uniform(dim.low, dim.high)
     if dim.kind == "randint":
         return tune.randint(int(dim.low), int(dim.high) + 1)  # type: ignore[arg-type]
@@ -69,7 +71,7 @@ def clamp_to_space(config: dict[str, Any], space: dict[str, Dimension]) -> dict[
     out = dict(config)
     for key, dim in space.items():
         if dim.is_range and isinstance(out.get(key), (int, float)) and not isinstance(out.get(key), bool):
-            v = min(max(out[key], dim.low), dim.high)  # type: ignore[type-var]
+            v = min(max(out[key], dim.low), dim.high)
             out[key] = int(round(v)) if dim.kind == "randint" else float(v)
     return out
 
@@ -108,7 +110,7 @@ def build_scheduler(rs: ResolvedSweep) -> Any:
         return PopulationBasedTraining(
             time_attr=TIME_ATTR, perturbation_interval=s.perturbation_interval, burn_in_period=s.burn_in_period,
             hyperparam_mutations=pbt_mutations(rs.spec), quantile_fraction=s.quantile_fraction,
-            resample_probability=s.resample_probability, perturbation_factors=tuple(s.perturbation_factors),
+            resample_probability=s.resample_probability, perturbation_factors=(s.perturbation_factors[0], s.perturbation_factors[1]),
             custom_explore_fn=ClampToSpace(rs.spec.space), synch=s.synch)
     if isinstance(s, MedianSpec):
         return MedianStoppingRule(time_attr=TIME_ATTR, grace_period=s.grace_period,
