@@ -174,12 +174,33 @@ class StorageSection(Section):
     num_checkpoints_to_keep: int = Field(2, ge=1)
 
 
+class MlflowSection(Section):
+    """Where MLflow runs go. Credentials never here: MLflow reads MLFLOW_TRACKING_USERNAME/_PASSWORD or
+    MLFLOW_TRACKING_TOKEN from the environment of the driver and the workers."""
+
+    tracking_uri: str = Field(..., description="MLflow server, e.g. http://mlflow.internal:5000")
+    experiment: str = Field("ftdist", min_length=1, description="created if it does not exist")
+    log_model: bool = Field(False, description="also upload the exported model as the run's artifacts")
+    parent_run_id: str | None = Field(None, description="set by `ftdist tune` for its trials; leave unset")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "MlflowSection":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.tracking_uri)
+        if parts.username or parts.password:
+            raise ValueError("tracking.mlflow.tracking_uri must not hold credentials: set MLFLOW_TRACKING_USERNAME "
+                             "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return self
+
+
 class TrackingSection(Section):
     tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard/ (rank 0)")
     plots: bool = Field(True, description="learning-curve and confusion-matrix PNGs in <run>/plots/")
     baseline: bool = Field(True, description="classification: TF-IDF + logistic regression on the same splits")
     baseline_max_rows: int | None = Field(50_000, ge=1, description="train rows the baseline is fitted on "
                                           "(the first in shard order, a random sample); null = all")
+    mlflow: MlflowSection | None = Field(None, description="log the run to an MLflow server (rank 0 and driver)")
 
 
 class TaskDataSection(Section):

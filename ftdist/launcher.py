@@ -26,6 +26,7 @@ from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
 from ftdist.failures import describe_failure, diverged_loss_from_ray, storage_outage_from_ray, user_error_from_ray
 from ftdist.metrics import majority_baseline
+from ftdist.mlflow_tracking import log_run_outputs
 from ftdist.multitask.preflight import add_task_summary, multitask_preflight, task_lines
 from ftdist.plots import write_run_plots
 from ftdist.preflight import (check_run_folder, preflight, prepare_data_if_needed, read_json,
@@ -142,7 +143,8 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
     if cfg.tasks:
         add_task_summary(summary, facts)
     summary["diagnoses"] = diagnose(summary)
-    write_run_plots(cfg, summary)
+    plots = write_run_plots(cfg, summary)
+    log_run_outputs(cfg, summary, plots)  # before summary.json: a run is complete once everything is recorded
     storage.write_text(join_uri(run_uri, layout.SUMMARY), json.dumps(summary, indent=1), cfg.storage)
     return summary
 

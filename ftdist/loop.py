@@ -40,6 +40,7 @@ from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distr
 from ftdist.diagnoses import check_loss_finite
 from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
                             per_class_metrics)
+from ftdist.progress import Progress
 from ftdist.session import Session
 from ftdist.tracking import Tracker, open_tracker
 
@@ -62,6 +63,7 @@ class Setup:
     steps_per_epoch: int
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
+    grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,14 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "sample_id"}
 
 
-def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None = None) -> torch.Tensor:
+def grad_norm_due(done: int, gas: int, log_every: int) -> bool:
+    """Whether the optimizer step closing at ``done`` batches is the last one before a log line
+    (log lines fall at multiples of ``log_every`` batches; this step's is the norm they report)."""
+    return (done + gas - 1) // log_every > (done - 1) // log_every
+
+
+def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None = None,
+               measure_grad_norm: bool = False) -> torch.Tensor:
     """One micro batch: forward under autocast, backward, and DeepSpeed's step (which applies the
     optimizer at gradient-accumulation boundaries). Returns the loss detached and still on the
     device, so a step never waits for the device (the loop reads losses only when it logs). The
@@ -185,7 +194,10 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
 
     With ``window`` the loop, not DeepSpeed's micro-step counter, says where windows end (the
     counter neither restarts per epoch nor survives a checkpoint), and the loss is averaged over
-    the window's own size, so a short last window weighs its micro batches fully."""
+    the window's own size, so a short last window weighs its micro batches fully.
+
+    ``measure_grad_norm`` (ZeRO-0, where DeepSpeed's plain-optimizer path does not keep the norm):
+    the gradients' total norm before clipping, left on the device in ``s.grad_norm``."""
     inputs = _to_device(batch, s.device)
     if window is not None:
         s.engine.set_gradient_accumulation_boundary(window.last)
@@ -199,6 +211,9 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
         s.engine.backward(loss)
     else:
         s.engine.backward(loss / window.size, scale_wrt_gas=False)
+    if measure_grad_norm and s.cfg.deepspeed.zero_stage == 0 and (window is None or window.last):
+        s.grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in s.engine.module.parameters() if p.grad is not None])
     s.engine.step()
     return loss.detach()
 
@@ -210,10 +225,10 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _log(s: Setup, msg: str) -> None:
+def _log(s: Setup, msg: str, clear: str = "") -> None:
     if s.session.rank == 0:
         # Not print(): Ray Train patches print() into its logger, which echoes each line twice.
-        sys.stdout.write(f"[ftdist] {msg}\n")
+        sys.stdout.write(f"{clear}[ftdist] {msg}\n")
         sys.stdout.flush()
 
 
@@ -278,7 +293,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
     try:
         return _train(s, tracker)
     except BaseException:
-        tracker.close({})  # what was recorded up to a failure (a diverged loss) stays readable
+        tracker.close({}, failed=True)  # what was recorded up to a failure (a diverged loss) stays readable
         raise
     finally:
         _teardown(s)
@@ -299,17 +314,22 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     S, gas = s.steps_per_epoch, cfg.train.gradient_accumulation_steps
     _log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
+    progress = Progress(cfg.train.epochs, S, live=None if session.rank == 0 else False)
+    log_every = cfg.train.log_every_steps
     while state.epoch < cfg.train.epochs and not state.stopped_early:
         epoch = state.epoch
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
+        progress.start()
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
         for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
             # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
-            loss = train_step(s, batch, accumulation_window(state.batch, S, gas))
+            window = accumulation_window(state.batch, S, gas)
+            loss = train_step(s, batch, window, window.last and grad_norm_due(state.batch + 1, gas, log_every))
             if first_step_at is None:
                 first_step_at = time.time()
             state.batch += 1
+            progress.batch_done(epoch, state.batch)
             state.global_step = engine.global_steps
             samples += len(rows)
             tokens += float(batch["attention_mask"].sum())
@@ -317,17 +337,16 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
             n_loss += 1
             if cfg.data.record_sample_ids:
                 state.samples.setdefault(str(epoch), []).extend(batch["sample_id"].tolist())
-            if state.batch % cfg.train.log_every_steps == 0:
+            if state.batch % log_every == 0:
                 lr = engine.get_lr()[0]
                 mean_loss, elapsed = loss_acc.item() / n_loss, time.perf_counter() - t0  # the log line's one sync
                 check_loss_finite(mean_loss, state.global_step)
                 rate = session.world_size / elapsed  # rank 0's share times the ranks: an estimate between epochs
                 _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean_loss:.4f} "
-                        f"lr {lr:.2e} {samples * rate:.1f} samples/s")
+                        f"lr {lr:.2e} {samples * rate:.1f} samples/s | {progress.text(epoch, state.batch)}",
+                     progress.line_prefix())
                 state.train_log.append([state.global_step, mean_loss])
-                tracker.log_step(state.global_step, {"train/loss": mean_loss, "train/lr": lr,
-                                                     "train/samples_per_s": samples * rate,
-                                                     "train/tokens_per_s": tokens * rate})
+                tracker.log_step(state.global_step, step_scalars(s, mean_loss, lr, samples * rate, tokens * rate, peak))
             if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
@@ -341,7 +360,9 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         check_loss_finite(g_loss / max(g_n, 1), engine.global_steps)
         throughput = {"samples_per_s": g_samples / train_time, "tokens_per_s": g_tokens / train_time,
                       "mfu": mfu(s.n_params, g_tokens / train_time, session.world_size, peak)}
+        t_val = time.perf_counter()
         val, _, val_confusion = evaluate(s, "validation")
+        progress.eval_done(time.perf_counter() - t_val)
         value = val[metric]
         state.epoch, state.batch = epoch + 1, 0
         patience = cfg.train.early_stopping_patience
@@ -356,14 +377,29 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         tracker.log_epoch(state.global_step, {"epoch/train_loss": record["train_loss"],
                                               **{f"val/{k}": v for k, v in val.items()},
                                               **{f"epoch/{k}": v for k, v in throughput.items() if v is not None}})
+        timing = progress.text(epoch + 1, 0) if epoch + 1 < cfg.train.epochs else f"elapsed {progress.elapsed()}"
         _log(s, "epoch {} done: ".format(epoch + 1) + ", ".join(
-            f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)) + (" (best)" if improved else ""))
+            f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)) + (" (best)" if improved else "")
+            + f" | {timing}", progress.line_prefix())
         if state.stopped_early:
             _log(s, f"early stopping: val_{metric} did not improve for {patience} epoch(s)")
         _save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
                                     "best_" + metric: state.best_metric, "should_checkpoint": True,
                                     "stopped_early": state.stopped_early})
     return _finish(s, state, throughput, first_step_at, tracker)
+
+
+def step_scalars(s: Setup, loss: float, lr: float, samples_per_s: float, tokens_per_s: float,
+                 peak: float | None) -> dict[str, float]:
+    """A log line's TensorBoard/MLflow scalars; the gradient norm and MFU where they are known."""
+    out = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens_per_s}
+    norm = s.engine.get_global_grad_norm() if s.cfg.deepspeed.zero_stage else s.grad_norm
+    if norm is not None:
+        out["train/grad_norm"] = float(norm)
+    u = mfu(s.n_params, tokens_per_s, s.session.world_size, peak)
+    if u is not None:
+        out["train/mfu"] = u
+    return out
 
 
 def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_step_at: float | None,

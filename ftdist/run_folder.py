@@ -29,6 +29,7 @@ MULTITASK_HEADS = "multitask"  # multi-task runs: model/<task>/ per task, model/
 TENSORBOARD = "tensorboard"  # TensorBoard event files (rank 0): `tensorboard --logdir <storage.path>`
 LEARNING_CURVES_PNG = "plots/learning_curves.png"  # train loss per log step, validation metric per epoch
 CONFUSION_MATRIX_PNG = "plots/confusion_matrix.png"  # classification: the best checkpoint on the test split
+MLFLOW_RUN = "mlflow_run.json"  # the MLflow run id of this run (a resumed run continues the same MLflow run)
 RAY_REGISTRY = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
 _CHECKPOINT = re.compile(r"^epoch(?P<epoch>\d+)-batch(?P<batch>\d+)-step(?P<step>\d+)$")

@@ -20,6 +20,7 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig, config_record, dump_config, join_uri
+from ftdist.mlflow_tracking import MlflowTracker
 
 
 class Tracker:
@@ -31,8 +32,28 @@ class Tracker:
     def log_epoch(self, step: int, values: dict[str, float]) -> None:
         """Scalars of one finished epoch (``val/<metric>``, ...); publishes the files to remote storage."""
 
-    def close(self, final: dict[str, float]) -> None:
-        """End of the run: ``final`` metrics (best validation, test) go beside the hyperparameters."""
+    def close(self, final: dict[str, float], failed: bool = False) -> None:
+        """End of the run: ``final`` metrics (best validation, test) go beside the hyperparameters;
+        ``failed``: the run stopped on an error (what was recorded so far stays readable)."""
+
+
+class Trackers(Tracker):
+    """Several trackers at once (TensorBoard and MLflow): each call goes to every one."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        for p in self.parts:
+            p.log_step(step, values)
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        for p in self.parts:
+            p.log_epoch(step, values)
+
+    def close(self, final: dict[str, float], failed: bool = False) -> None:
+        for p in self.parts:
+            p.close(final, failed)
 
 
 class TensorBoardTracker(Tracker):
@@ -62,7 +83,7 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(tag, v, step)
         self._publish()
 
-    def close(self, final: dict[str, float]) -> None:
+    def close(self, final: dict[str, float], failed: bool = False) -> None:
         from tensorboardX.summary import hparams
 
         if self.closed:
@@ -103,7 +124,13 @@ def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
 
 
 def open_tracker(cfg: RunConfig, rank: int) -> Tracker:
-    """Rank 0's TensorBoard tracker when ``tracking.tensorboard`` is on; a silent one otherwise."""
-    if rank != 0 or not cfg.tracking.tensorboard:
+    """Rank 0's trackers: TensorBoard (``tracking.tensorboard``) and MLflow (``tracking.mlflow``);
+    a silent one on other ranks or with both off."""
+    if rank != 0:
         return Tracker()
-    return TensorBoardTracker(cfg)
+    parts: list[Any] = []
+    if cfg.tracking.tensorboard:
+        parts.append(TensorBoardTracker(cfg))
+    if cfg.tracking.mlflow is not None:
+        parts.append(MlflowTracker(cfg, hyperparameters(cfg)))
+    return Trackers(parts) if parts else Tracker()

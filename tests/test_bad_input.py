@@ -114,6 +114,9 @@ CASES = {
                                        "train.class_weights has 2 weight(s) but there are 4 classes"),
     "config-class-weights-negative": (lambda w: train(w, train={"class_weights": [1, 0, 2]}), "must be positive"),
     "config-class-weights-word": (lambda w: train(w, train={"class_weights": "inverse"}), "'train.class_weights"),
+    "config-mlflow-credentials-in-uri": (
+        lambda w: train(w, tracking={"mlflow": {"tracking_uri": "http://bob:hunter2@127.0.0.1:5000"}}),
+        "must not hold credentials: set MLFLOW_TRACKING_USERNAME"),
     "config-unset-env-ref": (lambda w: train(w, storage={"options": {"token": "${env:FTDIST_NOT_SET}"}},
                                              data={"path": "s3://bucket/ds"}), "FTDIST_NOT_SET is not set"),
     # --- models

@@ -467,6 +467,12 @@ def test_sweep_outputs_exist_and_agree(asha_sweep):
         else:
             assert not ckpts and t["checkpoint"] is None
         assert (run / "model").exists() == (t["status"] == "completed")
+    # one TensorBoard event folder per trial under the sweep: `tensorboard --logdir <sweep>` compares them
+    from test_tracking import read_scalars
+
+    for t in s["trials"]:
+        scalars = read_scalars(d / "trials" / t["trial"] / "tensorboard")
+        assert len(scalars["val/accuracy"]) == t["epochs_run"], t["trial"]
 
 
 @pytest.mark.slow

@@ -19,29 +19,38 @@ from ftdist.session import LocalSession
 pytestmark = pytest.mark.slow
 
 STEPS, LOG_EVERY = 6, 2
+PEAK = 0.5  # TFLOP/s: a CPU has no known peak, so MFU is logged only with train.peak_tflops set
 
 
 def _config(model: str, data: str, root: Path, name: str, **train: Any) -> RunConfig:
-    t = {"epochs": 2, "max_steps_per_epoch": STEPS, "log_every_steps": LOG_EVERY, "learning_rate": 1e-3, **train}
+    t = {"epochs": 2, "max_steps_per_epoch": STEPS, "log_every_steps": LOG_EVERY, "learning_rate": 1e-3,
+         "peak_tflops": PEAK, **train}
     return load_config(data=base_config(model, data, str(root), run={"name": name}, train=t,
                                         scaling={"num_workers": 1}))
 
 
-def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TFRecord event files under ``folder``, by tag: [(step, value)]."""
+def read_events(folder: Path) -> list[Any]:
+    """Every event record in the TFRecord event files under ``folder``."""
     from tensorboardX.proto import event_pb2
 
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    events = []
     for path in sorted(folder.rglob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
             pos += 12 + length + 4  # length, its crc, the record, its crc
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out[v.tag].append((event.step, v.simple_value))
+    return events
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TFRecord event files under ``folder``, by tag: [(step, value)]."""
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for event in read_events(folder):
+        for v in event.summary.value:
+            if v.HasField("simple_value"):
+                out[v.tag].append((event.step, v.simple_value))
     return dict(out)
 
 
@@ -59,9 +68,17 @@ def test_tensorboard_events_hold_every_log_line_and_every_validation_metric(trac
     scalars = read_scalars(Path(cfg.run_uri()) / "tensorboard")
     per_epoch = STEPS  # no accumulation: one optimizer step per batch
     log_steps = [e * per_epoch + b for e in range(2) for b in range(LOG_EVERY, STEPS + 1, LOG_EVERY)]
-    for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/tokens_per_s"):
+    for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/tokens_per_s", "train/grad_norm",
+                "train/mfu"):
         assert [s for s, _ in scalars[tag]] == log_steps, tag
         assert all(v > 0 for _, v in scalars[tag]) or tag == "train/lr", tag
+    grad_norms = [v for _, v in scalars["train/grad_norm"]]
+    assert len(set(grad_norms)) == len(grad_norms)  # measured at each log line, not one stale value
+    for (_, u), (_, tps) in zip(scalars["train/mfu"], scalars["train/tokens_per_s"]):
+        assert u == pytest.approx(6 * result["n_params"] * tps / (PEAK * 1e12), rel=1e-4)
+    hparams = [v for e in read_events(Path(cfg.run_uri()) / "tensorboard") for v in e.summary.value
+               if v.metadata.plugin_data.plugin_name == "hparams"]
+    assert hparams and any(b"train.learning_rate" in v.metadata.plugin_data.content for v in hparams)
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([p[1] for p in result["train_log"]], rel=1e-6)
     for metric in ("loss", "accuracy", "macro_f1"):
         assert scalars[f"val/{metric}"] == [(e["step"], pytest.approx(e[f"val_{metric}"], rel=1e-6))

@@ -28,6 +28,8 @@ Layout of ``<storage>/<sweep name>/``: Tune's experiment state and per-trial res
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import time
@@ -38,6 +40,7 @@ from ray import tune
 from ftdist import storage
 from ftdist.config import RunConfig, join_uri
 from ftdist.errors import UserError
+from ftdist.mlflow_tracking import finish_sweep_parent, start_sweep_parent
 from ftdist.sweep.layout import SPEC, SWEEP_MARKER, trial_name
 from ftdist.sweep.spec import ResolvedSweep, dump_spec, warmup_note
 from ftdist.sweep.trial import run_trial
@@ -135,10 +138,17 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
     note = warmup_note(rs)
     if note:
         print(f"[ftdist] note: {note}", flush=True)
+    parent = start_sweep_parent(cfg, rs.sweep_uri, spec.name)
+    if parent is not None:  # each trial's MLflow run becomes a child of the sweep's
+        base = copy.deepcopy(rs.base)
+        base["tracking"]["mlflow"]["parent_run_id"] = parent
+        rs = dataclasses.replace(rs, base=base)
     tuner = make_tuner(rs, limit, resume=state == "resume")
     tuner.fit()
     records = collect_trials(rs)
-    return write_outputs(rs, records, started_at=started, concurrency=limit, resumed=state == "resume")
+    summary = write_outputs(rs, records, started_at=started, concurrency=limit, resumed=state == "resume")
+    finish_sweep_parent(cfg, rs.sweep_uri, parent, summary)
+    return summary
 
 
 def make_tuner(rs: ResolvedSweep, limit: int, resume: bool) -> Any:

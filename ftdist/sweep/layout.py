@@ -26,6 +26,7 @@ TRIALS = "trials"  # one Train run folder per trial (and per PBT segment)
 POINTER = "ftdist_pointer.json"  # the content of every Tune checkpoint
 SEGMENT_MARKER = "pbt_restore.json"  # in a PBT segment's run folder: what it was started from
 INIT_CHECKPOINT = "pbt_init"  # the copied checkpoint a PBT segment starts from
+MLFLOW_PARENT = "mlflow_parent.json"  # the sweep's MLflow parent run (trials are its children)
 SEGMENT = re.compile(r"^(?P<trial>.+)-pbt(?P<n>\d+)$")  # a PBT segment's run name
 
 

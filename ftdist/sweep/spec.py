@@ -415,11 +415,11 @@ class ResolvedSweep:
         return RunConfig.model_validate(self.base)
 
     def fingerprint(self) -> str:
-        """What makes a resumed sweep the same sweep (storage and concurrency may change)."""
+        """What makes a resumed sweep the same sweep (storage, concurrency and tracking may change)."""
         d = self.spec.to_yaml_dict()
         for k in ("max_concurrent_trials", "storage_path"):
             d.pop(k, None)
-        base = {k: v for k, v in self.base.items() if k not in ("scaling", "storage")}
+        base = {k: v for k, v in self.base.items() if k not in ("scaling", "storage", "tracking")}
         return hashlib.sha256(json.dumps([d, base], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
