@@ -1,4 +1,4 @@
-"""``ftdist`` command line: train, data prepare, tune, submit, config show.
+"""``ftdist`` command line: train, data prepare, tune, submit, config show, predict, serve.
 
 User errors (:class:`ftdist.errors.UserError`) print one line and exit 2; ``--debug`` shows the
 traceback. Anything else is an internal error and keeps its traceback (exit 1).
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
+    _add_deploy_args(sub)
+
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
                                                                        parser_class=_Parser)
     p = data.add_parser("prepare", help="tokenize JSONL/CSV/Parquet into streamable shards")
@@ -95,6 +97,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set at --output")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return parser
+
+
+def _add_deploy_args(sub: Any) -> None:
+    """``ftdist predict`` and ``ftdist serve`` (see README, Deploying a model)."""
+    model_help = "exported model: <run folder>/model, a run folder, a sweep folder (best_model) - local, s3:// or pkg://"
+    p = sub.add_parser("predict", help="score a data set with an exported model (Ray Data) into Parquet shards")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--input", required=True, help="JSONL/CSV/Parquet file or folder, or a prepared split (local or s3://)")
+    p.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards (local or s3://)")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet"])
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id", help="the input column copied to each output row (prepared splits: sample_id)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="inference actors at most (default: what the cluster's CPUs/GPUs allow)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    p.add_argument("--rows-per-file", type=int, default=100_000)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+
+    p = sub.add_parser("serve", help="serve an exported model over HTTP (Ray Serve, dynamic batching)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when --max-replicas is set)")
+    p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas on ongoing requests")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    p.add_argument("--max-batch-size", type=int, default=32, help="texts per forward; 1 turns dynamic batching off")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (413 beyond)")
+    p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text at most (413 beyond)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ftdist.config import StorageSection
+    from ftdist.predict import PredictOptions, run_predict
+
+    for flag, value in (("--batch-size", args.batch_size), ("--rows-per-file", args.rows_per_file),
+                        ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be >= 1")
+    if args.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0 (fractions such as 0.5 are fine)")
+    opts = PredictOptions(model=args.model, input=args.input, output=args.output, format=args.format,
+                          text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
+                          workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker, rows_per_file=args.rows_per_file,
+                          overwrite=args.overwrite, address=args.address,
+                          storage=StorageSection(endpoint_url=args.endpoint_url))
+    record = run_predict(opts)
+    print(json.dumps({k: record[k] for k in ("rows", "files", "seconds", "rows_per_s", "version")}
+                     | {"output": args.output}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ftdist.config import StorageSection
+    from ftdist.serve import Limits, ServeOptions, run_until_signalled
+
+    opts = ServeOptions(model=args.model, host=args.host, port=args.port, replicas=args.replicas,
+                        max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica,
+                        gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                        limits=Limits(max_texts=args.max_texts, max_text_chars=args.max_text_chars),
+                        address=args.address, storage=StorageSection(endpoint_url=args.endpoint_url))
+    return run_until_signalled(opts)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -178,7 +250,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 130
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit, "tune": cmd_tune}
+COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit, "tune": cmd_tune, "predict": cmd_predict,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

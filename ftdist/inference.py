@@ -118,8 +118,11 @@ class Predictor:
         self.info = locate_export(uri, cfg)
         local = resolve_model_path(self.info.uri, cfg)  # s3:// is fetched once into the node's cache
         self.tokenizer = load_tokenizer(local)
+        from transformers.utils import logging as hf_logging
+
         cls = AutoModelForSequenceClassification if self.info.task == CLASSIFICATION else AutoModelForCausalLM
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor/replica says nothing useful
         self.model = cls.from_pretrained(local, dtype=torch.float32).to(self.device).eval()
         self.max_length = effective_max_length(self.info, self.tokenizer, self.model.config)
         if self.info.task == CLASSIFICATION and not self.info.label_names:

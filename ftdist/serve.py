@@ -1,0 +1,264 @@
+"""``ftdist serve MODEL``: the exported model behind an HTTP JSON API, on Ray Serve.
+
+Routes (JSON in, JSON out):
+
+- ``POST /predict`` with ``{"text": "..."}`` -> ``{"prediction": {...}, "version": ...}`` or with
+  ``{"texts": ["...", ...]}`` -> ``{"predictions": [...], "version": ...}``; a prediction is what
+  ``ftdist.inference`` returns (``label``, ``label_id``, ``scores`` in ``label_names`` order; or
+  ``loss``, ``perplexity``, ``tokens`` for a causal LM);
+- ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model;
+- ``GET /metadata`` -> label names, task, version and test metrics from ``ftdist_export.json``, and
+  the request limits.
+
+Requests from many clients are batched dynamically (``@serve.batch``): a replica runs one forward
+for every request that arrived while the previous forward ran (up to ``max_batch_size`` texts).
+Bad requests get a 4xx with a one-line ``{"error": ...}``: 400 malformed JSON, 413 too many texts,
+a text longer than ``max_text_chars`` or a body too large, 422 wrong shape or types (an empty list
+included). Texts within the limit are truncated to the training ``max_length`` in tokens, as in
+training. An error inside the replica is a 500 with one line, never a traceback.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
+# (`request: Request`) at runtime, and as strings they would not resolve (Request is imported
+# inside build_app, so that importing this module needs neither Ray nor FastAPI).
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ftdist.config import StorageSection
+from ftdist.errors import UserError
+from ftdist.inference import ExportInfo, Predictor, locate_export
+from ftdist.redaction import redact_uri
+
+APP_NAME = "ftdist"
+log = logging.getLogger("ftdist.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry (checked before any tokenization)."""
+
+    max_texts: int = 64
+    max_text_chars: int = 10_000
+
+    @property
+    def max_body_bytes(self) -> int:
+        # Every text at its limit, 4 bytes per character as UTF-8 or JSON escapes at worst, plus framing.
+        return self.max_texts * (self.max_text_chars * 6 + 16) + 1024
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1  # the minimum with autoscaling
+    max_replicas: int | None = None  # > replicas: autoscale between the two on ongoing requests
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    max_batch_size: int = 32  # texts per forward; 1 turns dynamic batching off
+    batch_wait_timeout_s: float = 0.005
+    limits: Limits = field(default_factory=Limits)
+    graceful_shutdown_timeout_s: float = 20.0
+    address: str | None = None
+    storage: StorageSection = field(default_factory=StorageSection)
+
+
+class RequestError(Exception):
+    """A bad request: HTTP ``status`` and a one-line reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+SHAPE = 'the body must be a JSON object {"text": "..."} or {"texts": ["...", ...]}'
+
+
+def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
+    """(texts, whether one text was sent) from a /predict body, or a RequestError. Pure."""
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(413, f"request body of {len(body)} bytes exceeds {limits.max_body_bytes} bytes")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise RequestError(400, f"malformed JSON{where}; {SHAPE}") from None
+    if not isinstance(payload, dict) or len(payload) != 1 or not {"text", "texts"} & set(payload):
+        raise RequestError(422, SHAPE)
+    single = "text" in payload
+    texts = [payload["text"]] if single else payload["texts"]
+    if not isinstance(texts, list):
+        raise RequestError(422, f"'texts' must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise RequestError(422, "'texts' is empty; send at least one text")
+    if len(texts) > limits.max_texts:
+        raise RequestError(413, f"{len(texts)} texts in one request; at most {limits.max_texts} (split the request)")
+    for i, t in enumerate(texts):
+        where = "'text'" if single else f"texts[{i}]"
+        if not isinstance(t, str):
+            raise RequestError(422, f"{where} must be a string, got {type(t).__name__}")
+        if len(t) > limits.max_text_chars:
+            raise RequestError(413, f"{where} has {len(t)} characters; at most {limits.max_text_chars}")
+    return texts, single
+
+
+# ---------------------------------------------------------------------------------------------
+# The Serve application (Ray and FastAPI are imported only here, when serving)
+
+
+def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
+    """The Ray Serve application for ``opts`` (not yet running)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI(title="ftdist", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:  # one line, never a traceback
+        log.exception("internal error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the replica's log"}, 500)
+
+    @serve.ingress(api)
+    class ModelServer:
+        def __init__(self, model: str, storage_json: str, limits: Limits, max_batch_size: int, wait_s: float,
+                     threads: int) -> None:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.predictor = Predictor(model, StorageSection.model_validate_json(storage_json))
+            self.limits, self.max_batch_size = limits, max_batch_size
+            self.infer.set_max_batch_size(max_batch_size)
+            self.infer.set_batch_wait_timeout_s(wait_s)
+
+        @api.post("/predict")
+        async def predict(self, request: Request) -> JSONResponse:
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+                return JSONResponse({"error": f"request body of {declared} bytes exceeds "
+                                              f"{self.limits.max_body_bytes} bytes"}, 413)
+            try:
+                texts, single = parse_request(await request.body(), self.limits)
+            except RequestError as e:
+                return JSONResponse({"error": str(e)}, e.status)
+            rows = await self.infer(texts)
+            version = self.predictor.info.version
+            return JSONResponse({"prediction": rows[0], "version": version} if single
+                                else {"predictions": rows, "version": version})
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/metadata")
+        async def metadata(self) -> dict[str, Any]:
+            return {**self.predictor.info.metadata(), "max_length": self.predictor.max_length,
+                    "label_names": self.predictor.label_names, "limits": asdict(self.limits),
+                    "max_batch_size": self.max_batch_size}
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def infer(self, requests: list[list[str]]) -> list[list[dict[str, Any]]]:
+            """One call per request; the texts of all requests in the batch go through forwards of
+            at most max_batch_size texts, in a thread so /healthz stays responsive meanwhile."""
+            flat = [t for texts in requests for t in texts]
+            loop = asyncio.get_running_loop()
+            rows: list[dict[str, Any]] = []
+            for i in range(0, len(flat), self.max_batch_size):
+                rows += await loop.run_in_executor(None, self.predictor.predict_texts, flat[i:i + self.max_batch_size])
+            out, at = [], 0
+            for texts in requests:
+                out.append(rows[at:at + len(texts)])
+                at += len(texts)
+            return out
+
+    scaling: dict[str, Any] = {"num_replicas": opts.replicas}
+    if opts.max_replicas and opts.max_replicas > opts.replicas:
+        scaling = {"autoscaling_config": {"min_replicas": opts.replicas, "max_replicas": opts.max_replicas,
+                                          "target_ongoing_requests": max(2, opts.max_batch_size)}}
+    deployment = serve.deployment(
+        ModelServer, name="model", ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": gpus},
+        max_ongoing_requests=max(8, 4 * opts.max_batch_size),
+        graceful_shutdown_timeout_s=opts.graceful_shutdown_timeout_s, **scaling)
+    threads = max(1, math.floor(opts.cpus_per_replica))
+    return deployment.bind(info.uri, opts.storage.model_dump_json(), opts.limits, opts.max_batch_size,
+                           opts.batch_wait_timeout_s, threads)
+
+
+def check_options(opts: ServeOptions) -> None:
+    """Numbers that must be positive, refused by flag name before Ray starts."""
+    for flag, value, low in (("--replicas", opts.replicas, 1), ("--max-batch-size", opts.max_batch_size, 1),
+                             ("--max-texts", opts.limits.max_texts, 1),
+                             ("--max-text-chars", opts.limits.max_text_chars, 1), ("--port", opts.port, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value} must be >= {low}")
+    if opts.max_replicas is not None and opts.max_replicas < opts.replicas:
+        raise UserError(f"--max-replicas {opts.max_replicas} is below --replicas {opts.replicas}; "
+                        f"it is the autoscaling upper bound")
+    if opts.cpus_per_replica <= 0:
+        raise UserError(f"--cpus-per-replica {opts.cpus_per_replica} must be > 0 (fractions such as 0.5 are fine)")
+
+
+def start(opts: ServeOptions, say: Callable[[str], None] | None = None) -> tuple[ExportInfo, bool]:
+    """Check the model and options, connect Ray (a local cluster unless one is connected or
+    addressed) and run the application; returns (export info, whether Ray was started here)."""
+    check_options(opts)
+    info = locate_export(opts.model, opts.storage)  # before Ray: an incomplete folder is never served
+    import ray
+    from ray import serve
+
+    started = False
+    if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        address = opts.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+        started = True
+    gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (
+        1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+    serve.start(http_options={"host": opts.host, "port": opts.port})
+    serve.run(build_app(opts, info, gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    (say or _stderr)(f"serving {redact_uri(info.uri)} (version {info.version}) on http://{opts.host}:{opts.port}: "
+                     f"POST /predict, GET /healthz, GET /metadata; Ctrl-C or SIGTERM stops")
+    return info, started
+
+
+def stop(started_ray: bool) -> None:
+    """Drain and stop: Serve lets running requests finish (graceful_shutdown_timeout_s), then Ray."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
+def run_until_signalled(opts: ServeOptions) -> int:
+    """``ftdist serve``: serve until SIGINT/SIGTERM, then shut down gracefully."""
+    stop_event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_event.set())
+    _, started = start(opts)
+    try:
+        stop_event.wait()
+    finally:
+        _stderr("stopping: draining requests, then shutting down")
+        stop(started)
+    _stderr("stopped")
+    return 0
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(f"[ftdist] {line}\n")
+    sys.stderr.flush()
