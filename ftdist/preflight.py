@@ -74,7 +74,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
                       cfg.model.num_labels or manifests["train"].num_labels or 0)
     train = manifests["train"]
     return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
-            "token_lengths": {**train.token_lengths, "rows": train.num_rows, "max_length": train.max_length}
+            "token_lengths": {**train.token_lengths.model_dump(), "rows": train.num_rows, "max_length": train.max_length}
             if train.token_lengths else None,
             "rows": {s: m.num_rows for s, m in manifests.items()}}
 

@@ -13,48 +13,82 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from ftdist.config import StorageSection, join_uri
-from ftdist.errors import UserError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from ftdist import storage
+from ftdist.config import TASKS, StorageSection, join_uri
+from ftdist.errors import UserError
 
 FORMAT = "ftdist-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation", "test")
 
-
-@dataclass
-class ShardInfo:
-    file: str
-    rows: int
-    sha256: str
-    bytes: int | None = None
+Count = Annotated[int, Field(ge=0)]
 
 
-@dataclass
-class Manifest:
+def _plain_file_name(name: str) -> str:
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ValueError("must be a file name in the split's folder")
+    return name
+
+
+class _Record(BaseModel):
+    # strict: a hand-edited manifest with "12" or true for a count is refused, not coerced; every
+    # field is checked before use, because a damaged manifest would otherwise surface as a
+    # TypeError deep in preflight, in the summary, or in a worker after Ray has started.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ShardInfo(_Record):
+    file: Annotated[str, AfterValidator(_plain_file_name)]
+    rows: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: Count | None = None
+
+
+class TokenLengths(_Record):
+    """Token counts before truncation (the truncation diagnosis)."""
+
+    truncated_rows: Count
+    p95: Count
+    max: Count
+
+
+class Manifest(_Record):
+    model_config = ConfigDict(strict=True, extra="ignore")  # newer writers may add fields
+
     split: str
     task: str
-    num_rows: int
+    num_rows: Count
     shards: list[ShardInfo]
-    max_length: int | None  # None: raw text, tokenized at read time
+    max_length: Annotated[int, Field(gt=0)] | None  # None: raw text, tokenized at read time
     tokenizer: dict[str, Any] | None
     label_names: list[str] | None = None
-    label_counts: list[int] | None = None
-    columns: dict[str, str] = field(default_factory=dict)
+    label_counts: list[Count] | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
     source: str | None = None
     prepare: dict[str, Any] | None = None  # the PrepareSection that built it (to detect a changed spec)
-    #: tokenized sets: {truncated_rows, p95, max} of the token counts before truncation (the truncation diagnosis)
-    token_lengths: dict[str, int] | None = None
+    token_lengths: TokenLengths | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        if self.task not in TASKS:
+            raise ValueError(f"field 'task' must be one of {', '.join(TASKS)}")
+        files = [s.file for s in self.shards]
+        if len(set(files)) != len(files):
+            raise ValueError("a shard file is listed twice")
+        if self.tokenized and (self.max_length is None or self.tokenizer is None or "length" not in self.columns):
+            raise ValueError("it lists token ids but no max_length/tokenizer/length column")
+        if self.label_names is not None and self.label_counts is not None \
+                and len(self.label_names) != len(self.label_counts):
+            raise ValueError("label_names and label_counts differ in length")
+        return self
 
     def to_json(self) -> str:
-        d = {"format": FORMAT, "version": VERSION, **self.__dict__,
-             "shards": [s.__dict__ for s in self.shards]}
-        return json.dumps(d, indent=2)
+        return json.dumps({"format": FORMAT, "version": VERSION, **self.model_dump()}, indent=2)
 
     @property
     def tokenized(self) -> bool:
@@ -71,6 +105,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     specials = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
     h = hashlib.sha256(json.dumps([vocab, specials, type(tokenizer).__name__.removesuffix("Fast")]).encode())
     return {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(vocab), "sha256": h.hexdigest()[:16]}
+
+
+def schema_problem(error: ValidationError) -> str:
+    """The first problem of a manifest, in one phrase naming the field (``shards[2].rows``)."""
+    err = error.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return msg
+    if err["type"] == "missing":
+        return f"field '{loc}' is missing"
+    if err["type"] == "extra_forbidden":
+        return f"'{loc}' is not a known field"
+    return f"field '{loc}': {msg}"
 
 
 def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
@@ -93,14 +141,12 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
     if d.get("version") != VERSION:
         raise UserError(f"'{uri}' has manifest version {d.get('version')!r}; this ftdist reads version {VERSION}; "
                         f"re-run `ftdist data prepare` with this version")
-    problem = _schema_problem(d)
-    if problem:
-        raise UserError(f"'{uri}' is malformed: {problem}; re-run `ftdist data prepare`")
-    m = Manifest(split=d["split"], task=d["task"], num_rows=d["num_rows"],
-                 shards=[ShardInfo(**s) for s in d["shards"]], max_length=d["max_length"],
-                 tokenizer=d["tokenizer"], label_names=d.get("label_names"), label_counts=d.get("label_counts"),
-                 columns=d.get("columns", {}), source=d.get("source"), prepare=d.get("prepare"),
-                 token_lengths=d.get("token_lengths"))
+    try:
+        m = Manifest.model_validate({k: v for k, v in d.items() if k not in ("format", "version")})
+    except ValidationError as e:
+        raise UserError(f"'{uri}' is malformed: {schema_problem(e)}; re-run `ftdist data prepare`") from None
+    except RecursionError:
+        raise UserError(f"'{uri}' is malformed: nested too deeply; re-run `ftdist data prepare`") from None
     if m.num_rows == 0 or not m.shards:
         raise UserError(f"data set split '{split_uri}' is empty (0 rows); prepare it with more data or "
                         f"change the --split fractions")
@@ -113,73 +159,6 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
         raise UserError(f"data set '{split_uri}' lacks column(s) {sorted(missing)} needed for task {m.task}; "
                         f"prepare it with the right --task/--label-field")
     return m
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _schema_problem(d: dict[str, Any]) -> str | None:
-    """What is wrong with a parsed manifest's fields, or None. Every field is type-checked here,
-    before use, because a hand-edited or damaged manifest would otherwise surface as a TypeError
-    deep in preflight, in the summary, or in a worker after Ray has started."""
-    from ftdist.config import TASKS
-
-    for key in ("split", "task", "num_rows", "shards", "max_length", "tokenizer"):
-        if key not in d:
-            return f"field '{key}' is missing"
-    checks: list[tuple[str, bool, str]] = [
-        ("split", isinstance(d["split"], str), "a split name"),
-        ("task", d["task"] in TASKS, f"one of {', '.join(TASKS)}"),
-        ("num_rows", _is_count(d["num_rows"]), "a count (integer >= 0)"),
-        ("shards", isinstance(d["shards"], list) and all(isinstance(s, dict) for s in d["shards"]),
-         "a list of shard records"),
-        ("max_length", d["max_length"] is None or (_is_count(d["max_length"]) and d["max_length"] > 0),
-         "a positive integer or null"),
-        ("tokenizer", d["tokenizer"] is None or isinstance(d["tokenizer"], dict), "an object or null"),
-        ("label_names", d.get("label_names") is None or _is_str_list(d["label_names"]), "a list of names or null"),
-        ("label_counts", d.get("label_counts") is None or (isinstance(d["label_counts"], list)
-                                                           and all(_is_count(c) for c in d["label_counts"])),
-         "a list of counts or null"),
-        ("columns", isinstance(d.get("columns", {}), dict)
-         and all(isinstance(v, str) for v in d.get("columns", {}).values()), "an object of column types"),
-        ("source", d.get("source") is None or isinstance(d["source"], str), "a string or null"),
-        ("prepare", d.get("prepare") is None or isinstance(d["prepare"], dict), "an object or null"),
-        ("token_lengths", d.get("token_lengths") is None or (
-            isinstance(d["token_lengths"], dict) and set(d["token_lengths"]) == {"truncated_rows", "p95", "max"}
-            and all(_is_count(v) for v in d["token_lengths"].values())),
-         "null or an object of counts truncated_rows, p95, max"),
-    ]
-    for key, ok, want in checks:
-        if not ok:
-            return f"field '{key}' must be {want}"
-    for i, s in enumerate(d["shards"]):
-        unknown = sorted(set(s) - set(ShardInfo.__dataclass_fields__))
-        if unknown:
-            return f"shards[{i}] has unknown field '{unknown[0]}'"
-        for key, ok, want in (
-                ("file", isinstance(s.get("file"), str) and s["file"] not in ("", ".", "..")
-                 and "/" not in s["file"] and "\\" not in s["file"], "a file name in the split's folder"),
-                ("rows", _is_count(s.get("rows")), "a count (integer >= 0)"),
-                ("sha256", isinstance(s.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) is not None,
-                 "a SHA-256 hex digest"),
-                ("bytes", s.get("bytes") is None or _is_count(s["bytes"]), "a size in bytes or null")):
-            if not ok:
-                return f"shards[{i}].{key} must be {want}"
-    files = [s["file"] for s in d["shards"]]
-    if len(set(files)) != len(files):
-        return "a shard file is listed twice"
-    tokenized = "input_ids" in d.get("columns", {})
-    if tokenized and (d["max_length"] is None or d["tokenizer"] is None or "length" not in d["columns"]):
-        return "it lists token ids but no max_length/tokenizer/length column"
-    if d.get("label_names") is not None and d.get("label_counts") is not None \
-            and len(d["label_names"]) != len(d["label_counts"]):
-        return "label_names and label_counts differ in length"
-    return None
 
 
 def check_compatible(m: Manifest, split_uri: str, task: str, num_labels: int | None,

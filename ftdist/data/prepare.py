@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from ftdist import storage
 from ftdist.config import PrepareSection, StorageSection, join_uri
 from ftdist.redaction import redact_uri
-from ftdist.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, tokenizer_fingerprint
+from ftdist.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, TokenLengths, tokenizer_fingerprint
 from ftdist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,13 @@ def untruncated_lengths(tok: Any, texts: list[str], enc: list[list[int]], max_le
     return out
 
 
-def length_stats(lengths: list[int], max_length: int) -> dict[str, int] | None:
+def length_stats(lengths: list[int], max_length: int) -> TokenLengths | None:
     """What the truncation diagnosis needs: rows cut at ``max_length``, and the length keeping 95% whole."""
     if not lengths:
         return None
     ordered = sorted(lengths)
-    return {"truncated_rows": sum(n > max_length for n in ordered),
-            "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], "max": ordered[-1]}
+    return TokenLengths(truncated_rows=sum(n > max_length for n in ordered),
+                        p95=ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], max=ordered[-1])
 
 
 def shard_columns(tokenized: bool, keep_text: bool, labelled: bool) -> dict[str, str]:
