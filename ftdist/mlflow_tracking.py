@@ -142,7 +142,7 @@ def log_run_outputs(cfg: RunConfig, summary: dict[str, Any], plots: list[str]) -
     if m is None or run_id is None:
         return
     client = _client(m)
-    client.log_dict(run_id, summary, "summary.json")
+    client.log_dict(run_id, summary, layout.SUMMARY)
     base = summary.get("baseline") or {}
     tfidf = base.get("tfidf_logreg") or {}
     extra = {"baseline/majority_class_accuracy": base.get("majority_class_accuracy"),
@@ -182,7 +182,7 @@ def finish_sweep_parent(cfg: RunConfig, sweep_uri: str, parent: str | None, summ
     if m is None or parent is None:
         return
     client = _client(m)
-    client.log_dict(parent, summary, "sweep_summary.json")
+    client.log_dict(parent, summary, sweep_folder.SUMMARY)
     best = summary.get("best") or {}
     if best.get("best_metric") is not None:
         client.log_batch(parent, metrics=_metrics({"best/" + str(summary.get("metric", "metric")): best["best_metric"]},
