@@ -206,9 +206,13 @@ class FtdistContender:
         # bench.optim=default|foreach|fused (AdamW implementation), bench.ws1_allreduce=true (DeepSpeed's
         # gradient all-reduce at world size 1, which ftdist turns off); bench.torch_clip=true tries a
         # candidate: torch's foreach clip_grad_norm_ instead of DeepSpeed's per-tensor one (ZeRO-0).
+        # bench.log_every=N adds the loop's log lines every N steps (the loss read, and with tracking on the
+        # gradient norm, TensorBoard/MLflow scalars via ftdist.tracking) and its progress bookkeeping per
+        # step: `ftdist@bench.log_every=5@tracking.tensorboard=false` vs `ftdist@bench.log_every=5` is
+        # the cost of tracking.
         lever = dict(o.split("=", 1) for o in overrides if o.startswith("bench."))
         overrides = [o for o in overrides if not o.startswith("bench.")]
-        unknown = set(lever) - {"bench.optim", "bench.ws1_allreduce", "bench.torch_clip"}
+        unknown = set(lever) - {"bench.optim", "bench.ws1_allreduce", "bench.torch_clip", "bench.log_every"}
         if unknown:
             raise SystemExit(f"ftdist: unknown option(s) {sorted(unknown)}")
         self.name, self.ctx = name, ctx
@@ -234,6 +238,13 @@ class FtdistContender:
         self.s = Setup(cfg, LocalSession(os.path.join(ctx.work, f"ckpt-{name}")), device, precision, None, {},
                        NUM_LABELS, None, self.n_params, engine, None, 0)
         self.k, self.samples, self.tokens = 0, 0.0, 0.0
+        from ftdist.progress import Progress
+        from ftdist.tracking import open_tracker
+
+        self.log_every = int(lever.get("bench.log_every", "0"))
+        self.tracked = bool(self.log_every) and (cfg.tracking.tensorboard or cfg.tracking.mlflow is not None)
+        self.tracker = open_tracker(cfg, 0) if self.tracked else None
+        self.progress = Progress(1, 1 << 30, live=False)
         self.loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         self.describe = (f"ZeRO-{cfg.deepspeed.zero_stage}, {precision.name}"
                          f"{' (' + cfg.deepspeed.mixed_precision + ')' if precision.autocast_dtype else ''}"
@@ -242,16 +253,25 @@ class FtdistContender:
 
     def _micro_step(self) -> None:
         from ftdist.data.collate import collate
-        from ftdist.loop import train_step
+        from ftdist.loop import grad_norm_due, step_scalars, train_step
 
         rows = self.ctx.rows[self.k % len(self.ctx.rows)]
         self.k += 1
         batch = collate(rows, self.ctx.pad_id, self.cfg.model.task)
-        loss = train_step(self.s, batch)
+        due = self.tracked and grad_norm_due(self.k, 1, self.log_every)
+        loss = train_step(self.s, batch, None, due)
         # the loop's per-step bookkeeping (ftdist.loop._train)
         self.samples += len(rows)
         self.tokens += float(batch["attention_mask"].sum())
         self.loss_acc += loss
+        if self.log_every:
+            self.progress.batch_done(0, self.k)
+            if self.k % self.log_every == 0:  # the loop's log line: its one sync, its text, its scalars
+                mean = self.loss_acc.item() / self.k
+                self.progress.text(0, self.k)
+                if self.tracker is not None:
+                    self.tracker.log_step(self.k, step_scalars(self.s, mean, self.s.engine.get_lr()[0],
+                                                               self.samples, self.tokens, None))
 
     def window(self, warmup: int, n: int) -> tuple[float, float]:
         ga = self.cfg.train.gradient_accumulation_steps
@@ -269,6 +289,8 @@ class FtdistContender:
     def close(self) -> None:
         from ftdist.loop import _teardown
 
+        if self.tracker is not None:
+            self.tracker.close({})
         _teardown(self.s)
 
 

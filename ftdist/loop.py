@@ -316,6 +316,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
     progress = Progress(cfg.train.epochs, S, live=None if session.rank == 0 else False)
     log_every = cfg.train.log_every_steps
+    tracked = cfg.tracking.tensorboard or cfg.tracking.mlflow is not None  # the gradient norm is for trackers
     while state.epoch < cfg.train.epochs and not state.stopped_early:
         epoch = state.epoch
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
@@ -325,7 +326,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
             # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
             window = accumulation_window(state.batch, S, gas)
-            loss = train_step(s, batch, window, window.last and grad_norm_due(state.batch + 1, gas, log_every))
+            loss = train_step(s, batch, window, tracked and window.last and grad_norm_due(state.batch + 1, gas, log_every))
             if first_step_at is None:
                 first_step_at = time.time()
             state.batch += 1
