@@ -48,6 +48,27 @@ class RunSection(Section):
     seed: int = Field(42, ge=0)
 
 
+class LoraSection(Section):
+    """LoRA adapters (the ``peft`` library): the base weights are frozen, low-rank updates of the
+    ``target_modules`` and the task head (in full) are trained. See ftdist/lora.py."""
+
+    r: int = Field(8, ge=1, description="rank of the low-rank update")
+    alpha: float = Field(16, gt=0, description="scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names (suffixes) to adapt; unset = the architecture's default (query/value "
+                          "projections)")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: a plain HF model (AutoModelFor... loads it); adapter: a peft adapter folder")
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoraSection":
+        if isinstance(self.target_modules, list) and not [t for t in self.target_modules if t.strip()]:
+            raise ValueError("model.lora.target_modules is empty; name modules (e.g. [query, value]), "
+                             "use all-linear, or remove the key for the architecture's default")
+        return self
+
+
 class ModelSection(Section):
     path: str = Field(..., description="hub id, local folder, s3://... or pkg://python_package/subdir")
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
@@ -58,6 +79,7 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
     gradient_checkpointing: bool = False
+    lora: LoraSection | None = Field(None, description="train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
     def _labels(self) -> "ModelSection":

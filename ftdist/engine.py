@@ -154,6 +154,18 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     return engine, scheduler
 
 
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state (Adam's moments) this rank holds: the torch optimizer under DeepSpeed's
+    ZeRO wrappers, which under ZeRO >= 1 keeps only this rank's partition."""
+    opt = getattr(engine, "optimizer", None)
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)
+    if opt is None:
+        return 0
+    return sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
 def _forget_autocast_globals() -> None:
     """Undo the process-wide flag DeepSpeed's ``torch_autocast`` mode leaves behind.
 

@@ -25,15 +25,33 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
+def save_weights(module: Any, cfg: RunConfig, state_dict: dict[str, Any], folder: str) -> None:
+    """The model's files into ``folder``. LoRA: merged into a plain HF model (``model.lora.export:
+    merged``, loads with ``AutoModelFor...`` alone), or peft's adapter folder (``adapter``: adapters and
+    the trained head, loaded on top of the base model with ``PeftModel.from_pretrained``)."""
+    from ftdist.lora import is_lora, merged_model
+
+    lora = cfg.model.lora
+    if lora is None or not is_lora(module):
+        module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    elif lora.export == "merged":
+        merged_model(module, state_dict, cfg.model.task).save_pretrained(folder, safe_serialization=True)
+    else:
+        module.peft_config["default"].base_model_name_or_path = redact(cfg.model.path)
+        module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+
 def export_model(engine: Any, cfg: RunConfig, tokenizer: Any, uri: str, rank: int, extra: dict[str, Any]) -> None:
     state_dict = full_state_dict(engine, cfg.deepspeed.zero_stage)
     if rank != 0:
         return
+    state_dict = {k: v.cpu().contiguous() for k, v in state_dict.items()}
     with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
-        engine.module.save_pretrained(tmp, state_dict={k: v.cpu().contiguous() for k, v in state_dict.items()},
-                                      safe_serialization=True)
+        save_weights(engine.module, cfg, state_dict, tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"task": cfg.model.task, "run": cfg.run.name, "base_model": redact(cfg.model.path), **extra}
+        info = {"task": cfg.model.task, "run": cfg.run.name, "base_model": redact(cfg.model.path),
+                "format": "lora-adapter" if cfg.model.lora and cfg.model.lora.export == "adapter" else "hf-model",
+                **extra}
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
             json.dump(info, f, indent=1)
         storage.upload_dir(tmp, uri, cfg.storage, last=EXPORT_MARKER)

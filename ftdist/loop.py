@@ -35,8 +35,9 @@ from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
 from ftdist.inference import class_scores
-from ftdist.engine import (Precision, build_engine, engine_autocasts, init_distributed, reapply_hyperparameters,
-                           resolve_precision)
+from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
+                           optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
                             per_class_metrics)
@@ -64,6 +65,7 @@ class Setup:
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
+    n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,18 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     for s, m in manifests.items():
         check_compatible(m, split_uri(cfg, s), cfg.model.task, num_labels, fp)
     torch.manual_seed(cfg.run.seed)  # identical head initialisation on every rank
-    model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage)
-    n_params = sum(p.numel() for p in model.parameters())
+    partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
+    model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage,
+                       zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
+    n_params, n_trainable = parameter_counts(model)
     seed_everything(cfg.run.seed + session.rank)
     train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     total = cfg.train.epochs * optimizer_steps_per_epoch(steps, cfg.train.gradient_accumulation_steps)
-    model.to(device)
+    if not partitioned:
+        model.to(device)  # zero.Init already placed the partitions
     engine, _ = build_engine(cfg, model, total, precision)
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
@@ -153,7 +158,8 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     weights = class_weights(cfg.train.class_weights, manifests["train"].label_counts, num_labels or 0)
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
                  train_reader, steps, total,
-                 torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
+                 class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+                 n_trainable=n_trainable)
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -421,6 +427,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     export_model(s.engine, cfg, s.tokenizer, model_uri, session.rank,
                  extra={"best_epoch": state.best_epoch, "test": test, "label_names": s.label_names,
                         "max_length": s.manifests["train"].max_length or cfg.data.max_length})
+    opt_bytes = _all_reduce([float(optimizer_state_bytes(s.engine))], s.device)[0]  # ZeRO: each rank holds a part
     node_ids: list[Any] = [session.node_id()]
     if dist.is_initialized() and dist.get_world_size() > 1:
         node_ids = [None] * dist.get_world_size()
@@ -433,6 +440,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "test": test, "throughput": throughput or (state.history[-1] if state.history else {}),
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
+        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes),
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
         "label_names": s.label_names, "train_log": state.train_log,
     }

@@ -109,8 +109,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 
 def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] | None, pad_token_id: int,
-               cfg: StorageSection | None = None) -> Any:
-    """The HF model for ``m.task``, fp32 master weights (mixed precision is applied by autocast)."""
+               cfg: StorageSection | None = None, zero3_config: dict[str, Any] | None = None) -> Any:
+    """The HF model for ``m.task``, fp32 master weights (mixed precision is applied by autocast),
+    wrapped with LoRA adapters when ``model.lora`` is set.
+
+    With ``zero3_config`` (the run's DeepSpeed config, ZeRO-3) the model is built and loaded straight
+    into partitions (transformers' DeepSpeed integration: ``zero.Init`` while constructing, each
+    weight gathered, filled and re-partitioned while loading), so no rank ever holds the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     local = resolve_model_path(m.path, cfg)
@@ -131,13 +136,35 @@ def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] |
     else:
         cls = AutoModelForCausalLM
     try:
-        model = _load_with_attention(cls, local, config, m.attn_implementation, **kw)
+        with partitioned_construction(zero3_config):
+            model = _load_with_attention(cls, local, config, m.attn_implementation, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{m.path}' for task {m.task}: {str(e).splitlines()[0][:160]}") from None
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if m.lora is not None:
+        from ftdist.lora import apply_lora
+
+        model = apply_lora(model, m.lora, m.task, m.path, checkpointing=m.gradient_checkpointing)
     return model
+
+
+@contextlib.contextmanager
+def partitioned_construction(zero3_config: dict[str, Any] | None) -> Iterator[None]:
+    """Inside: transformers builds models under ``deepspeed.zero.Init`` and loads weights partition by
+    partition. The switch is process-wide (a weak reference transformers keeps), so it is turned off
+    on the way out: a model built later in this process (the merged LoRA export) is a plain one."""
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(zero3_config)  # noqa: F841 - alive only while this block runs
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def _load_with_attention(cls: Any, local: str, config: Any, requested: str | None, **kw: Any) -> Any:

@@ -55,7 +55,9 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     """Every check that needs no worker. Returns facts the summary uses (label counts)."""
     from ftdist.modeling import load_tokenizer, resolve_model_path
 
-    resolve_model_path(cfg.model.path, cfg.storage)
+    from ftdist.lora import check_lora_config
+
+    check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
                          cfg.storage)
     fp = tokenizer_fingerprint(tok)

@@ -98,6 +98,9 @@ CASES = {
     "cli-unknown-encoding": (lambda w: prep(w, "--encoding", "nope"), "encoding 'nope' is unknown"),
     "cli-binary-codec-as-encoding": (lambda w: prep(w, "--encoding", "base64"), "encoding 'base64' is not a text"),
     # --- config
+    "lora-unknown-target": (lambda w: ["train", _write(w, _cfg(w, model={"lora": {"target_modules": ["qkv"]}}))],
+                            "model.lora.target_modules: 'qkv' is not a module of model"),
+    "lora-rank-zero": (lambda w: ["train", _write(w, _cfg(w, model={"lora": {"r": 0}}))], "'model.lora.r'"),
     "config-missing-file": (lambda w: ["train", str(w["root"] / "nope.yaml")], "not found"),
     "config-is-directory": (lambda w: ["train", str(w["root"])], "is a directory"),
     "config-invalid-yaml": (lambda w: ["train", _raw(w, "model: [oops\n")], "not valid YAML"),

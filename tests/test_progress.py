@@ -7,11 +7,23 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 
 import pytest
 
 from ftdist.loop import grad_norm_due
 from ftdist.progress import Progress, format_duration, remaining
+
+
+def read_all(fd: int) -> str:
+    """Everything written to a pty so far: one read may return only part of it."""
+    out = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
 
 
 class Clock:
@@ -65,7 +77,7 @@ def test_the_live_bar_is_redrawn_on_one_line_of_a_terminal():
                 clock.now += 1.0
                 p.batch_done(0, b)
             tty.flush()
-            written = os.read(master, 65536).decode()
+            written = read_all(master)
     finally:
         os.close(master)
         os.close(slave)

@@ -1,0 +1,144 @@
+"""LoRA adapters with the ``peft`` library: which modules to adapt, wrapping the model, merging for export.
+
+Why LoRA: the base weights are frozen, so gradients and Adam state exist only for the low-rank
+updates and the task head (a few percent of the parameters, or less); a model whose full training
+state would not fit a worker trains with its weights alone in memory.
+
+The task head of a classifier is new (random) and is trained in full (peft's ``modules_to_save``);
+a causal LM's head is the pre-trained output embedding and stays frozen like the rest of the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftdist.config import LoraSection
+from ftdist.errors import UserError
+
+#: peft's own defaults cover BERT/RoBERTa (query, value), GPT-2 (c_attn), T5 (q, v), LLaMA-likes and
+#: more; these fill gaps in its table. Architectures in neither fall back to every linear layer.
+EXTRA_DEFAULT_TARGETS: dict[str, list[str]] = {"distilbert": ["q_lin", "v_lin"], "modernbert": ["Wqkv"]}
+#: new task heads of classification models, trained in full (not adapted)
+CLASSIFIER_HEADS = ("pre_classifier", "classifier", "score", "classification_head")
+
+
+def default_target_modules(model_type: str) -> list[str] | str:
+    """The modules LoRA adapts when ``model.lora.target_modules`` is unset: the attention query and value
+    projections of the architecture (the LoRA paper's choice), or ``all-linear`` for unknown ones."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    targets = PEFT_DEFAULTS.get(model_type) or EXTRA_DEFAULT_TARGETS.get(model_type)
+    return list(targets) if targets else "all-linear"
+
+
+def target_modules(lora: LoraSection, model_type: str) -> list[str] | str:
+    return lora.target_modules if lora.target_modules is not None else default_target_modules(model_type)
+
+
+def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    """Top-level modules of a classifier's task head (trained in full); none for a causal LM."""
+    if task != "sequence-classification":
+        return []
+    return [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
+
+
+def check_targets(model: torch.nn.Module, targets: list[str] | str, path: str) -> None:
+    """Every named target must be a module of the model (matched as peft does: by name suffix), before
+    any worker starts. Why here: peft's own error comes from every worker, after Ray started."""
+    if isinstance(targets, str):
+        return  # all-linear: always resolvable
+    names = [n for n, _ in model.named_modules() if n]
+    from transformers.pytorch_utils import Conv1D  # GPT-2's projections
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, kinds)})
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise UserError(f"model.lora.target_modules: '{t}' is not a module of model '{path}'; its "
+                            f"adaptable layers are named {', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''}")
+
+
+def check_lora_config(m: Any, local_path: str) -> None:
+    """Driver-side check of ``model.lora`` against the model's architecture, built on the meta device
+    (no weights read, no memory), so a bad target fails in one line before training."""
+    if m.lora is None:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(local_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    with torch.device("meta"):
+        skeleton = auto_class(m.task).from_config(config, trust_remote_code=m.trust_remote_code)
+    check_targets(skeleton, target_modules(m.lora, config.model_type), m.path)
+
+
+def auto_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+
+
+def peft_config(lora: LoraSection, model: torch.nn.Module, task: str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=target_modules(lora, model.config.model_type),
+                      modules_to_save=head_modules(model, task) or None,
+                      task_type="SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM")
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSection, task: str, path: str, checkpointing: bool = False) -> Any:
+    """The model wrapped as a peft model: base frozen, adapters and the classifier head trainable."""
+    from peft import get_peft_model
+
+    check_targets(model, target_modules(lora, model.config.model_type), path)
+    wrapped = get_peft_model(model, peft_config(lora, model, task))
+    if checkpointing:
+        # Checkpointed blocks recompute from their inputs; with frozen embeddings those inputs need
+        # grad, or the adapters inside the blocks get none (peft's documented recipe).
+        wrapped.enable_input_require_grads()
+    return wrapped
+
+
+def is_lora(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def merged_model(trained: Any, state_dict: dict[str, torch.Tensor], task: str) -> torch.nn.Module:
+    """A plain HF model with the adapters folded into the base weights, from the trained peft model's
+    full state dict (gathered: under ZeRO-3 ``trained`` holds only partitions).
+
+    Built afresh on CPU from the architecture's config, so it works the same at every ZeRO stage."""
+    from peft import get_peft_model
+
+    base_config = trained.get_base_model().config
+    fresh = auto_class(task).from_config(base_config)
+    cfg = trained.peft_config["default"]
+    wrapped = get_peft_model(fresh, cfg)
+    missing, unexpected = wrapped.load_state_dict(state_dict, strict=False)
+    # Tied weights (a causal LM's output embedding) may be left out of the gathered dict.
+    missing = [k for k in missing if not _is_tied(k, fresh)]
+    if missing or unexpected:
+        raise RuntimeError(f"LoRA state dict does not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return wrapped.merge_and_unload()
+
+
+def _is_tied(key: str, model: torch.nn.Module) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = tied.keys() if isinstance(tied, dict) else tied
+    return any(key.endswith(n) for n in names)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters; under ZeRO-3 a parameter's full size is ``ds_numel`` (its local
+    tensor is a partition or empty)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
