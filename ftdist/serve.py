@@ -194,6 +194,28 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
                            opts.batch_wait_timeout_s, threads)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application for a Serve config (``import_path: ftdist.serve:app_builder``), as KubeRay's
+    RayService runs it (k8s/rayservice.yaml): ``args`` holds ``model`` and optionally ``replicas``,
+    ``max_replicas``, ``cpus_per_replica``, ``gpus_per_replica``, ``max_batch_size``,
+    ``batch_wait_ms``, ``max_texts``, ``max_text_chars``. An incomplete model folder fails the
+    deploy with the same one line as ``ftdist serve``."""
+    known = {"model", "replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "max_batch_size",
+             "batch_wait_ms", "max_texts", "max_text_chars"}
+    unknown = sorted(set(args) - known)
+    if unknown or "model" not in args:
+        raise UserError(f"serve config args: {'unknown ' + repr(unknown[0]) if unknown else 'model is missing'}; "
+                        f"known args: {', '.join(sorted(known))}")
+    num = {k: float(v) for k, v in args.items() if k != "model"}
+    opts = ServeOptions(model=str(args["model"]), replicas=int(num.get("replicas", 1)),
+                        max_replicas=int(num["max_replicas"]) if "max_replicas" in num else None,
+                        cpus_per_replica=num.get("cpus_per_replica", 1.0), max_batch_size=int(num.get("max_batch_size", 32)),
+                        batch_wait_timeout_s=num.get("batch_wait_ms", 5.0) / 1000,
+                        limits=Limits(int(num.get("max_texts", 64)), int(num.get("max_text_chars", 10_000))))
+    check_options(opts)
+    return build_app(opts, locate_export(opts.model, opts.storage), num.get("gpus_per_replica", 0.0))
+
+
 def check_options(opts: ServeOptions) -> None:
     """Numbers that must be positive, refused by flag name before Ray starts."""
     for flag, value, low in (("--replicas", opts.replicas, 1), ("--max-batch-size", opts.max_batch_size, 1),
@@ -247,9 +269,10 @@ def stop(started_ray: bool) -> None:
 def run_until_signalled(opts: ServeOptions) -> int:
     """``ftdist serve``: serve until SIGINT/SIGTERM, then shut down gracefully."""
     stop_event = threading.Event()
+    _, started = start(opts)
+    # After start(): ray.init installs a C++ handler that dies on SIGTERM; this one drains instead.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_event.set())
-    _, started = start(opts)
     try:
         stop_event.wait()
     finally:

@@ -72,7 +72,7 @@ def service(trained) -> str:
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # up, but the replica still loading
             pass
         assert time.monotonic() < deadline, "the service did not come up in 60 s"
         time.sleep(0.5)

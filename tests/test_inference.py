@@ -71,6 +71,12 @@ def test_truncates_to_the_recorded_max_length_and_batches_do_not_change_scores(p
     for a, b in zip(alone, together):  # padding to the batch's longest row is masked out
         assert a == pytest.approx(b, abs=1e-5)
     assert predictor.predict_texts([]) == []
+    # length-sorted chunks (here of 2 rows) come back in input order with the same scores
+    texts = [" ".join(["road"] * n) + " great" for n in (9, 1, 5, 3, 7)]
+    chunked = Predictor(predictor.info.uri, chunk_size=2).predict_texts(texts)
+    for a, b in zip(predictor.predict_texts(texts), chunked):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5) and a["label"] == b["label"]
+    assert [r["scores"] for r in chunked] != sorted([r["scores"] for r in chunked])  # not returned sorted
 
 
 def test_causal_lm_rows_get_loss_and_perplexity(tmp_path, tiny_gpt):

@@ -1,0 +1,84 @@
+"""``ftdist predict`` / ``ftdist serve`` on bad input: one stderr line, exit 2, before Ray starts
+(fast: in-process ``ftdist.cli.main``), and the request parser the service uses (pure)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import synthetic_rows, write_jsonl
+from exports import export_tiny
+from ftdist.cli import main
+from ftdist.serve import Limits, RequestError, parse_request
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bert) -> dict:
+    root = tmp_path_factory.mktemp("deploy-cli")
+    model = export_tiny(tiny_bert, root / "run" / "model")
+    partial = root / "partial"
+    shutil.copytree(model, partial)
+    (partial / "ftdist_export.json").unlink()
+    write_jsonl(root / "in.jsonl", [{"id": i, "text": r["text"]} for i, r in enumerate(synthetic_rows(5))])
+    write_jsonl(root / "noid.jsonl", [{"body": r["text"]} for r in synthetic_rows(5)])
+    (root / "in.txt").write_text("hello\n")
+    (root / "notjson.jsonl").write_text("hello world\n")
+    (root / "out").mkdir()
+    (root / "out" / "part-00000.parquet").write_bytes(b"old")
+    return {"root": root, "model": model, "partial": str(partial)}
+
+
+def cases(w: dict) -> list[tuple[list[str], str]]:
+    r, m = w["root"], w["model"]
+    inp = str(r / "in.jsonl")
+    return [
+        (["predict", w["partial"], "--input", inp, "--output", str(r / "o1")], "not a complete ftdist export"),
+        (["predict", str(r / "nowhere"), "--input", inp, "--output", str(r / "o1")], "does not exist"),
+        (["predict", m, "--input", str(r / "missing.jsonl"), "--output", str(r / "o1")], "input '"),
+        (["predict", m, "--input", str(r / "noid.jsonl"), "--output", str(r / "o1")], "has no column 'text'"),
+        (["predict", m, "--input", str(r / "noid.jsonl"), "--text-field", "body", "--output", str(r / "o1")],
+         "has no column 'id'"),
+        (["predict", m, "--input", str(r / "in.txt"), "--output", str(r / "o1")], "pass --format jsonl|csv|parquet"),
+        (["predict", m, "--input", str(r / "notjson.jsonl"), "--output", str(r / "o1")], "is not JSON Lines"),
+        (["predict", m, "--input", inp, "--output", str(r / "out")], "already exists; pass --overwrite"),
+        (["predict", m, "--input", inp, "--output", str(r / "o1"), "--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["serve", w["partial"]], "not a complete ftdist export"),
+        (["serve", m, "--replicas", "0"], "--replicas 0 must be >= 1"),
+        (["serve", m, "--replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --replicas 3"),
+        (["serve", m, "--cpus-per-replica", "0"], "--cpus-per-replica 0.0 must be > 0"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_before_ray(world, capsys):
+    import ray
+
+    for argv, reason in cases(world):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ftdist: error: ") and reason in err, (argv, err)
+        assert "Traceback" not in err
+    assert not ray.is_initialized()  # every mistake above was caught before a cluster was started
+    assert (world["root"] / "out" / "part-00000.parquet").read_bytes() == b"old"  # refused, untouched
+
+
+@pytest.mark.parametrize("body,status,reason", [
+    (b"{", 400, "malformed JSON at line 1"),
+    (b'{"texts": [["nested"]]}', 422, "texts[0] must be a string, got list"),
+    (b'{"texts": []}', 422, "'texts' is empty"),
+    (b'{"text": 1.5}', 422, "'text' must be a string, got float"),
+    (b'{"texts": ["a", "b", "c"]}', 413, "3 texts in one request; at most 2"),
+    (b'{"text": "abcdef"}', 413, "has 6 characters; at most 5"),
+    (b'{"prompt": "a"}', 422, "must be a JSON object"),
+])
+def test_request_parser_refuses(body, status, reason):
+    with pytest.raises(RequestError, match=None) as e:
+        parse_request(body, Limits(max_texts=2, max_text_chars=5))
+    assert e.value.status == status and reason in str(e.value), str(e.value)
+
+
+def test_request_parser_accepts_one_text_or_a_list():
+    limits = Limits(max_texts=2, max_text_chars=5)
+    assert parse_request(json.dumps({"text": "abc"}).encode(), limits) == (["abc"], True)
+    assert parse_request(json.dumps({"texts": ["a", "é"]}).encode(), limits) == (["a", "é"], False)
