@@ -25,13 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ftdist.errors import UserError
 from ftdist.redaction import ENV_REF, has_env_ref, redact, resolve_env_refs
 
-TASKS = ("sequence-classification", "causal-lm")
+TASKS = ("sequence-classification", "causal-lm", "masked-lm")
 #: metrics each task reports on the validation split (``val_`` prefix in reports)
 TASK_METRICS: dict[str, dict[str, str]] = {
     "sequence-classification": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
     "causal-lm": {"loss": "min", "perplexity": "min"},
+    "masked-lm": {"loss": "min", "perplexity": "min"},
 }
-DEFAULT_EVAL_METRIC = {"sequence-classification": "accuracy", "causal-lm": "loss"}
+DEFAULT_EVAL_METRIC = {"sequence-classification": "accuracy", "causal-lm": "loss", "masked-lm": "loss"}
 
 
 class Section(BaseModel):
@@ -71,7 +72,7 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str = Field(..., description="hub id, local folder, s3://... or pkg://python_package/subdir")
-    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    task: Literal["sequence-classification", "causal-lm", "masked-lm"] = "sequence-classification"
     num_labels: int | None = Field(None, ge=2)
     label_names: list[str] | None = None
     tokenizer: str | None = Field(None, description="defaults to model.path")
@@ -89,7 +90,7 @@ class ModelSection(Section):
                                  f"model.num_labels is {self.num_labels}; make them agree")
         elif self.num_labels or self.label_names:
             raise ValueError("model.num_labels/label_names only apply to task sequence-classification; "
-                             "remove them for causal-lm")
+                             f"remove them for {self.task}")
         return self
 
 
@@ -143,6 +144,7 @@ class TrainSection(Section):
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="weighted cross-entropy: 'balanced' (from the train split's label counts) or one "
                           "weight per class")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked-lm: share of tokens masked per batch")
 
     @model_validator(mode="after")
     def _weights(self) -> "TrainSection":

@@ -84,6 +84,9 @@ def _parse_marker(folder: str, marker: str, text: str) -> ExportInfo:
     except json.JSONDecodeError:
         record = None
     task = record.get("task") if isinstance(record, dict) else None
+    if task == "masked-lm":
+        raise UserError(f"'{redact_uri(marker)}' is a masked-LM export (domain-adaptive pre-training): it has no "
+                        f"predictions to serve; fine-tune a task from it (model.path: its folder) and deploy that")
     if task not in (CLASSIFICATION, CAUSAL_LM):
         raise UserError(f"'{redact_uri(marker)}' is not a valid ftdist export record (task {task!r}); "
                         f"re-export the model with `ftdist train`")

@@ -33,6 +33,7 @@ from ftdist import storage
 from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
+from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens
 from ftdist.data.reader import ShardReader
 from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
@@ -66,6 +67,7 @@ class Setup:
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
+    masker: Masker | None = None  # model.task masked-lm: masks each collated batch
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
                  train_reader, steps, total,
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                 n_trainable=n_trainable)
+                 n_trainable=n_trainable,
+                 masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
+                 if cfg.model.task == "masked-lm" else None)
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -254,8 +258,10 @@ def evaluate(s: Setup, split: str, predictions: bool = False
     preds: list[tuple[int, int, list[float]]] = []
     engine.eval()
     with torch.no_grad():
-        for rows in reader.batches(0):
+        for i, rows in enumerate(reader.batches(0)):
             batch = collate(rows, s.tokenizer.pad_token_id, task, pin_memory=s.device.type == "cuda")
+            if s.masker is not None:  # the same tokens every pass: validation losses compare models, not draws
+                batch = s.masker(batch, (EVAL_KEYS[split], s.session.rank, i))
             with _autocast(s):
                 out = engine(**_to_device(batch, s.device))
             if task == "sequence-classification":
@@ -266,7 +272,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
                 if predictions:
                     preds.extend(zip(batch["sample_id"].tolist(), pred.tolist(), class_scores(out.logits)))
             else:
-                n_tok = (batch["labels"][:, 1:] != -100).sum().item()
+                n_tok = masked_tokens(batch["labels"] if task == "masked-lm" else batch["labels"][:, 1:])
                 loss_sum += out.loss.item() * n_tok
                 count += n_tok
     engine.train()
@@ -331,6 +337,8 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
             # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
+            if s.masker is not None:  # seeded by position: a resumed epoch masks as the uninterrupted one would
+                batch = s.masker(batch, (epoch, session.rank, state.batch))
             window = accumulation_window(state.batch, S, gas)
             loss = train_step(s, batch, window, tracked and window.last and grad_norm_due(state.batch + 1, gas, log_every))
             if first_step_at is None:

@@ -74,9 +74,9 @@ def check_lora_config(m: Any, local_path: str) -> None:
 
 
 def auto_class(task: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from ftdist.tasks import auto_model_class
 
-    return AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    return auto_model_class(task)
 
 
 def peft_config(lora: LoraSection, model: torch.nn.Module, task: str) -> Any:
@@ -85,7 +85,7 @@ def peft_config(lora: LoraSection, model: torch.nn.Module, task: str) -> Any:
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=target_modules(lora, model.config.model_type),
                       modules_to_save=head_modules(model, task) or None,
-                      task_type="SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM")
+                      task_type={"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(task))
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraSection, task: str, path: str, checkpointing: bool = False) -> Any:

@@ -14,6 +14,7 @@ from ftdist import storage
 from ftdist.config import ModelSection, StorageSection
 from ftdist.redaction import redact_uri
 from ftdist.errors import UserError
+from ftdist.tasks import auto_model_class
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = ".ftdist-complete"
@@ -116,7 +117,7 @@ def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] |
     With ``zero3_config`` (the run's DeepSpeed config, ZeRO-3) the model is built and loaded straight
     into partitions (transformers' DeepSpeed integration: ``zero.Init`` while constructing, each
     weight gathered, filled and re-partitioned while loading), so no rank ever holds the whole model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     local = resolve_model_path(m.path, cfg)
     kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision}
@@ -132,9 +133,7 @@ def load_model(m: ModelSection, num_labels: int | None, label_names: list[str] |
         config.num_labels = num_labels
         config.id2label = {i: n for i, n in enumerate(names)}
         config.label2id = {n: i for i, n in enumerate(names)}
-        cls = AutoModelForSequenceClassification
-    else:
-        cls = AutoModelForCausalLM
+    cls = auto_model_class(m.task)
     try:
         with partitioned_construction(zero3_config):
             model = _load_with_attention(cls, local, config, m.attn_implementation, **kw)

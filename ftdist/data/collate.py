@@ -24,7 +24,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int, task: str, pad_to_multiple_
         mask_np[i, :n] = 1
     ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
     batch = {"input_ids": ids, "attention_mask": mask}
-    if task == "causal-lm":
+    if task in ("causal-lm", "masked-lm"):  # masked-lm: data.masking replaces these with the masked tokens
         batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)
     else:
         batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)

@@ -256,10 +256,10 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     """Build a data set at ``output`` from ``spec.input``; returns the manifests per split."""
     from ftdist.modeling import load_tokenizer
 
-    if task == "causal-lm":
+    if task in ("causal-lm", "masked-lm"):  # unlabelled text
         spec = spec.model_copy(update={"label_field": None})
     elif not spec.label_field:
-        raise UserError("sequence-classification needs labels; pass --label-field (or use --task causal-lm)")
+        raise UserError("sequence-classification needs labels; pass --label-field (or use --task causal-lm / masked-lm for unlabelled text)")
     if (len(spec.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in spec.split)
             or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0):
         raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
