@@ -26,6 +26,10 @@ TRUNCATED_SHARE = 0.10
 MIN_LOSS_DROP = 0.02
 #: log lines needed before "the loss is not decreasing" means anything
 MIN_LOG_POINTS = 4
+#: a class found less often than this (validation recall) is "missed" ...
+MISSED_RECALL = 0.5
+#: ... while the best-found class is found at least this often: the model leans to the majority
+LEANING_RECALL = 0.9
 
 Diagnosis = dict[str, str]
 
@@ -113,6 +117,23 @@ def loss_not_decreasing(train_log: list[list[float]]) -> Diagnosis | None:
                        f"flat, more train.warmup_ratio, and check that the labels match the texts"}
 
 
+def minority_classes_missed(per_class: list[dict[str, Any]] | None, class_weights: Any) -> Diagnosis | None:
+    """Without class weights, some classes' validation recall is low while another's is near 1: the
+    model leans to the frequent class(es) (one_class is the extreme of this)."""
+    if not per_class or class_weights is not None:
+        return None
+    present = [r for r in per_class if r["support"] > 0]
+    missed = [r for r in present if r["recall"] < MISSED_RECALL]
+    if not missed or max(r["recall"] for r in present) < LEANING_RECALL:
+        return None
+    top = max(present, key=lambda r: r["recall"])
+    listed = ", ".join(f"'{r['label']}' {r['recall']:.2f} ({r['support']} examples)" for r in missed)
+    return {"code": "minority_classes_missed",
+            "message": f"the model misses classes on validation: recall {listed}, while '{top['label']}' has "
+                       f"{top['recall']:.2f}: try train.class_weights: balanced (weighted loss) and "
+                       f"train.eval_metric: macro_f1 (best checkpoint by macro-F1, not accuracy)"}
+
+
 def baseline_wins(test: dict[str, float], baseline: dict[str, Any] | None) -> Diagnosis | None:
     """Fine-tuning's test macro-F1 is not above the TF-IDF + logistic regression baseline's."""
     if not baseline or "macro_f1" not in test:
@@ -138,6 +159,7 @@ def diagnose(summary: dict[str, Any]) -> list[Diagnosis]:
         truncated_examples(summary.get("train_token_lengths")),
         overfitting(summary.get("epochs") or [], summary["eval_metric"], summary["eval_mode"],
                     train.get("early_stopping_patience")),
+        minority_classes_missed(summary.get("val_per_class"), train.get("class_weights")),
         baseline_wins(summary.get("test") or {}, (summary.get("baseline") or {}).get("tfidf_logreg")),
     ]
     return [d for d in found if d is not None]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftdist.diagnoses import (check_loss_finite, diagnose, few_optimizer_steps, loss_not_decreasing,
-                              one_class_predictions, overfitting, truncated_examples)
+                              minority_classes_missed, one_class_predictions, overfitting, truncated_examples)
 from ftdist.errors import LossDiverged, RunFailed
 from ftdist.metrics import per_class_metrics
 
@@ -91,6 +91,20 @@ def test_a_loss_that_does_not_fall_is_diagnosed_from_the_log_lines():
     rising = [[i, v] for i, v in enumerate([0.5, 0.6, 0.7, 0.9])]
     assert loss_not_decreasing(rising) is not None
     assert loss_not_decreasing(flat[:3]) is None  # too few log lines to tell
+
+
+def test_minority_classes_missed_without_class_weights_names_the_fix():
+    rows = per_class_metrics(torch.tensor([[160, 8, 2], [11, 8, 1], [9, 2, 1]]), NAMES)
+    d = minority_classes_missed(rows, None)
+    assert d is not None and d["code"] == "minority_classes_missed"
+    assert "'neutral' 0.40 (20 examples)" in d["message"] and "'positive' 0.08 (12 examples)" in d["message"]
+    assert "'negative' has 0.94" in d["message"] and "class_weights: balanced" in d["message"]
+    assert "macro_f1" in d["message"]
+    assert minority_classes_missed(rows, "balanced") is None  # weights already on: nothing new to advise
+    balanced = per_class_metrics(torch.tensor([[50, 5, 5], [6, 40, 4], [3, 3, 44]]), NAMES)
+    assert minority_classes_missed(balanced, None) is None
+    weak = per_class_metrics(torch.tensor([[30, 20, 10], [20, 20, 10], [20, 10, 20]]), NAMES)
+    assert minority_classes_missed(weak, None) is None  # no class is found reliably: not a lean to one
 
 
 def test_truncation_names_the_share_and_the_length_keeping_95_percent_whole():
