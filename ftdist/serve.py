@@ -249,17 +249,33 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
+            check_port_free(opts.host, opts.port)  # the local proxy binds here: refuse before starting Ray
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
         started = True
-    if on_connected:
-        on_connected()
-    gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (
-        1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
-    serve.start(http_options={"host": opts.host, "port": opts.port})
-    serve.run(build_app(opts, info, gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        if on_connected:
+            on_connected()
+        gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (
+            1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+        serve.start(http_options={"host": opts.host, "port": opts.port})
+        serve.run(build_app(opts, info, gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        stop(started)  # never leave a half-started local cluster behind
+        raise
     (say or _stderr)(f"serving {redact_uri(info.uri)} (version {info.version}) on http://{opts.host}:{opts.port}: "
                      f"POST /predict, GET /healthz, GET /metadata; Ctrl-C or SIGTERM stops")
     return info, started
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port/--host "
+                            f"or stop what uses it") from None
 
 
 def stop(started_ray: bool) -> None:
