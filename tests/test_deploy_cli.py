@@ -52,13 +52,21 @@ def cases(w: dict) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input_is_one_line_exit_2_before_ray(world, capsys):
+    import socket
+
     import ray
 
-    for argv, reason in cases(world):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    more = [(["serve", world["model"], "--port", port], f"cannot listen on 127.0.0.1:{port}")]
+    for argv, reason in cases(world) + more:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("ftdist: error: ") and reason in err, (argv, err)
         assert "Traceback" not in err
+    taken.close()
     assert not ray.is_initialized()  # every mistake above was caught before a cluster was started
     assert (world["root"] / "out" / "part-00000.parquet").read_bytes() == b"old"  # refused, untouched
 

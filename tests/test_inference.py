@@ -92,3 +92,12 @@ def test_causal_lm_rows_get_loss_and_perplexity(tmp_path, tiny_gpt):
     assert rows[0]["loss"] == pytest.approx(ref, abs=1e-5) and rows[0]["tokens"] == ids.shape[1] - 1
     assert rows[0]["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
     assert "label" not in rows[0] and json.loads((tmp_path / "clm" / "ftdist_export.json").read_text())["task"] == "causal-lm"
+    # ftdist predict's worker turns them into the causal-LM output columns (id, loss, perplexity, tokens)
+    import pyarrow as pa
+
+    from ftdist.predict import PredictWorker, Source
+
+    worker = PredictWorker(export, "{}", Source("jsonl", [], "id", "text", None, False), threads=1)
+    out = worker(pa.table({"id": ["a", "b"], "text": ["the car was great", "bad"]}))
+    assert out.column_names == ["id", "loss", "perplexity", "tokens"]
+    assert out.column("loss")[0].as_py() == pytest.approx(rows[0]["loss"], abs=1e-6)
