@@ -110,7 +110,9 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
     engine, _ = build_engine(cfg, model, total, precision)
     engine.train()
     _, _, m0, names0 = views[0]
-    s = Setup(cfg, session, device, precision, tok, m0, len(names0), names0, n_params, engine, readers[0], steps, total)
+    s = Setup(cfg=cfg, session=session, device=device, precision=precision, tokenizer=tok, manifests=m0,
+              num_labels=len(names0), label_names=names0, n_params=n_params, engine=engine, train_reader=readers[0],
+              steps_per_epoch=steps, optimizer_steps=total)
     tasks = [Task(spec, dataclasses.replace(s, cfg=vcfg, manifests=manifests, num_labels=len(names),
                                             label_names=names, train_reader=reader), n)
              for (spec, vcfg, manifests, names), reader, n in zip(views, readers, per_pass)]
