@@ -428,10 +428,15 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = d
     for p in parts[:-1]:
+        if isinstance(cur, list):  # a list item's field, e.g. tasks.1.loss_weight
+            if not p.isdigit() or int(p) >= len(cur):
+                raise UserError(f"--set {key}: '{p}' is not an item of that list (it has {len(cur)}: 0..{len(cur) - 1})")
+            cur = cur[int(p)]
+            continue
         nxt = cur.get(p)
         if nxt is None:
             nxt = cur[p] = {}
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, dict | list):
             raise UserError(f"--set {key}: '{p}' is not a section; {did_you_mean(key).lstrip('; ') or 'check the key'}")
         cur = nxt
     cur[parts[-1]] = value
@@ -544,8 +549,10 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
 
 def is_free_dict_key(key: str) -> bool:
     """A dotted key inside a free-form mapping (raw DeepSpeed keys, fsspec options, custom resources),
-    which the schema cannot list: ``--set`` and sweep spaces accept any name there."""
-    return any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
+    which the schema cannot list: ``--set`` and sweep spaces accept any name there. Also a field of a
+    multi-task list item (``tasks.<i>.loss_weight``): the schema checks the name once it is set."""
+    return (any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
+            or re.fullmatch(r"tasks\.\d+\.[A-Za-z_][A-Za-z0-9_.]*", key) is not None)
 
 
 def config_record(cfg: RunConfig, exclude: Any = None) -> dict[str, Any]:

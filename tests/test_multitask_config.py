@@ -94,3 +94,18 @@ def test_shipped_example_config_is_valid_and_its_second_task_is_derived_from_emp
     assert len(rows) == n > 30000 and {r["agreement"] for r in rows} == {"unanimous", "divided"}
     share = sum(r["agreement"] == "unanimous" for r in rows) / n
     assert 0.3 < share < 0.7  # a real two-class task, not one class
+
+
+def test_a_tasks_loss_weight_can_be_set_and_swept_by_its_dotted_index(tiny_bert, cls_data, tmp_path):
+    from ftdist.errors import UserError
+    from ftdist.sweep_spec import check_space_key
+
+    raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}}, {"name": "b", "data": {"path": cls_data}}],
+                    tmp_path)
+    cfg = load_config(data=raw, overrides=["tasks.1.loss_weight=0.25"])
+    assert [t.loss_weight for t in cfg.tasks] == [1.0, 0.25]
+    check_space_key("tasks.0.loss_weight")  # a sweep space may name it
+    with pytest.raises(UserError, match="'2' is not an item of that list"):
+        load_config(data=raw, overrides=["tasks.2.loss_weight=0.5"])
+    with pytest.raises(UserError, match="unknown key 'tasks.0.loss_weigth'"):
+        load_config(data=raw, overrides=["tasks.0.loss_weigth=0.5"])

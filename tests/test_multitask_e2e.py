@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from conftest import FILLER, base_config, prepare_local, write_jsonl
+from ftdist import run_folder as layout
 from ftdist.config import load_config
 from ftdist.launcher import format_summary, run_training
 
@@ -115,3 +116,4 @@ def test_multitask_run_killed_mid_epoch_resumes_every_task_and_exports_a_model_p
     assert summary["tasks"]["sentiment"]["test"]["accuracy"] > summary["tasks"]["sentiment"]["baseline"][
         "majority_class_accuracy"], "the sentiment head learned nothing"
     assert "task length: test" in format_summary(summary)
+    assert list((run / layout.TENSORBOARD).rglob("events.out.tfevents.*")), "no TensorBoard events for a multi-task run"

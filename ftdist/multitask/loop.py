@@ -44,6 +44,7 @@ from ftdist.multitask import sampling
 from ftdist.multitask.model import MultiTaskModel
 from ftdist.multitask.spec import task_views
 from ftdist.session import Session
+from ftdist.tracking import Tracker, open_tracker
 
 TASK = "sequence-classification"
 
@@ -109,7 +110,9 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
     engine, _ = build_engine(cfg, model, total, precision)
     engine.train()
     _, _, m0, names0 = views[0]
-    s = Setup(cfg, session, device, precision, tok, m0, len(names0), names0, n_params, engine, readers[0], steps, total)
+    s = Setup(cfg=cfg, session=session, device=device, precision=precision, tokenizer=tok, manifests=m0,
+              num_labels=len(names0), label_names=names0, n_params=n_params, engine=engine, train_reader=readers[0],
+              steps_per_epoch=steps, optimizer_steps=total)
     tasks = [Task(spec, dataclasses.replace(s, cfg=vcfg, manifests=manifests, num_labels=len(names),
                                             label_names=names, train_reader=reader), n)
              for (spec, vcfg, manifests, names), reader, n in zip(views, readers, per_pass)]
@@ -167,10 +170,23 @@ def combined(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in keys}
 
 
+def board_key(key: str) -> str:
+    """An epoch record's key as a TensorBoard tag: val_accuracy -> val/accuracy (the mean over tasks),
+    sentiment/val_accuracy -> val/sentiment/accuracy, sentiment/train_loss -> epoch/sentiment/train_loss."""
+    task, _, name = key.rpartition("/")
+    if name.startswith("val_"):
+        return "/".join(["val", *([task] if task else []), name[4:]])
+    return f"epoch/{key}"
+
+
 def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
     ms = setup(cfg, session)
+    tracker = open_tracker(cfg, session.rank)
     try:
-        return _train(ms)
+        return _train(ms, tracker)
+    except BaseException:
+        tracker.close({})
+        raise
     finally:
         with contextlib.suppress(Exception):
             ms.s.engine.destroy()
@@ -180,7 +196,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
         gc.collect()
 
 
-def _train(ms: MultiSetup) -> dict[str, Any] | None:
+def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
     s = ms.s
     cfg, session, engine = s.cfg, s.session, s.engine
     state = ckpt.TrainState()
@@ -239,6 +255,7 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
                     log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean:.4f} "
                            f"lr {engine.get_lr()[0]:.2e}")
                     state.train_log.append([state.global_step, mean])
+                    tracker.log_step(state.global_step, {"train/loss": mean, "train/lr": engine.get_lr()[0]})
                 if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                     worst = -1e30 if mode == "max" else 1e30
                     save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
@@ -267,6 +284,7 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
             record[f"{n}/train_loss"] = task_loss[n]
             record.update({f"{n}/val_{k}": v for k, v in m.items()})
         state.history.append(record)
+        tracker.log_epoch(state.global_step, {board_key(k): v for k, v in record.items() if isinstance(v, float)})
         log(s, f"epoch {epoch + 1} done: train_loss {train_loss:.4f}, val_{metric} (mean) {val[metric]:.4g}; "
                + ", ".join(f"{n} val_{metric} {per_task[n][0][metric]:.4g}" for n in names)
                + (" (best)" if improved else ""))
@@ -276,11 +294,11 @@ def _train(ms: MultiSetup) -> dict[str, Any] | None:
         save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
                                    "best_" + metric: state.best_metric, "should_checkpoint": True,
                                    "stopped_early": state.stopped_early})
-    return _finish(ms, state, throughput, first_step_at)
+    return _finish(ms, state, throughput, first_step_at, tracker)
 
 
 def _finish(ms: MultiSetup, state: ckpt.TrainState, throughput: dict[str, Any],
-            first_step_at: float | None) -> dict[str, Any] | None:
+            first_step_at: float | None, tracker: Tracker) -> dict[str, Any] | None:
     """Reload the best checkpoint, test every task, export every task and the multi-head model."""
     s = ms.s
     cfg, session = s.cfg, s.session
@@ -298,6 +316,8 @@ def _finish(ms: MultiSetup, state: ckpt.TrainState, throughput: dict[str, Any],
     model_uri = join_uri(cfg.run_uri(), layout.MODEL)
     uris = export_multitask(s.engine, cfg, ms.tasks, s.tokenizer, model_uri, session.rank,
                             extra={"best_epoch": state.best_epoch, "test": test})
+    tracker.close({f"best/val_{cfg.eval_metric}": state.best_metric or 0.0, **{f"test/{k}": v for k, v in test.items()},
+                   **{f"test/{n}/{k}": v for n, r in per_task.items() for k, v in r[0].items()}})
     if session.rank != 0:
         return None
     tasks = {}
