@@ -426,7 +426,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
-    cur = d
+    cur: Any = d  # a section (dict) or, for tasks.N.key, a list
     for p in parts[:-1]:
         if isinstance(cur, list):  # a list item's field, e.g. tasks.1.loss_weight
             if not p.isdigit() or int(p) >= len(cur):

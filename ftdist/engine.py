@@ -154,16 +154,38 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     return engine, scheduler
 
 
-def optimizer_state_bytes(engine: Any) -> int:
-    """Bytes of optimizer state (Adam's moments) this rank holds: the torch optimizer under DeepSpeed's
-    ZeRO wrappers, which under ZeRO >= 1 keeps only this rank's partition."""
+def base_optimizer(engine: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside DeepSpeed's ZeRO wrappers."""
     opt = getattr(engine, "optimizer", None)
     while opt is not None and not isinstance(opt, torch.optim.Optimizer):
         opt = getattr(opt, "optimizer", None)
+    return opt
+
+
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state (Adam's moments) this rank holds; under ZeRO >= 1 only its partition."""
+    opt = base_optimizer(engine)
     if opt is None:
         return 0
     return sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
                if isinstance(v, torch.Tensor))
+
+
+def memory_levers(engine: Any) -> dict[str, Any]:
+    """What the engine actually runs with (read from DeepSpeed and the model, not from the config), for
+    the summary: the optimizer class, offloads, activation checkpointing, compilation."""
+    module = getattr(engine, "module", None)
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    opt = base_optimizer(engine)
+    return {"optimizer": type(opt).__name__ if opt is not None else None,
+            "offload_optimizer": bool(engine.zero_use_cpu_optimizer()),
+            "offload_params": _offloaded(engine.zero_offload_param()),
+            "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
+            "compiled": bool(getattr(engine, "is_compiled", False))}
+
+
+def _offloaded(offload: Any) -> bool:
+    return offload is not None and getattr(offload.device, "value", offload.device) != "none"
 
 
 def _forget_autocast_globals() -> None:

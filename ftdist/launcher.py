@@ -179,6 +179,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if tp:
         mfu = f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""
         lines.append(f"  throughput: {tp['samples_per_s']:.1f} samples/s, {tp['tokens_per_s']:.0f} tokens/s{mfu}")
+    if summary.get("trainable_params") and summary.get("n_params"):
+        lines.append(f"  parameters: {summary['trainable_params']:,} trainable of {summary['n_params']:,} "
+                     f"({summary['trainable_params'] / summary['n_params']:.2%}); optimizer state "
+                     f"{summary.get('optimizer_state_bytes', 0) / 2**20:.1f} MB")
     lines.append(f"  wall time {summary['wall_time_s']:.0f}s"
                  + (f", first step after {summary['time_to_first_step_s']:.0f}s" if summary.get("time_to_first_step_s") else ""))
     for d in summary.get("diagnoses") or []:

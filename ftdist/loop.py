@@ -37,7 +37,7 @@ from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens
 from ftdist.data.reader import ShardReader
 from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
-                           optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+                           memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
@@ -448,7 +448,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "test": test, "throughput": throughput or (state.history[-1] if state.history else {}),
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
-        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes),
+        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes), "memory": memory_levers(s.engine),
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
         "label_names": s.label_names, "train_log": state.train_log,
     }

@@ -192,3 +192,14 @@ def test_lora_resumes_mid_epoch_to_the_same_result(stage, tiny_bert, cls_data, t
     resumed = train_worker(cfg, LocalSession(str(tmp_path / "cb")))
     assert [e["val_loss"] for e in resumed["epochs"]] == [e["val_loss"] for e in clean["epochs"]]
     assert resumed["test"] == clean["test"]
+
+
+def test_the_printed_report_gives_trainable_parameters_and_optimizer_state():
+    from ftdist.launcher import format_summary
+
+    summary = {"run": "r", "world_size": 2, "device": "cpu", "precision": "fp32", "eval_metric": "accuracy",
+               "epochs": [], "best_epoch": 1, "test": {"accuracy": 0.9}, "throughput": {}, "wall_time_s": 3.0,
+               "model_uri": "/m", "run_dir": "/r", "n_params": 1_000_000, "trainable_params": 12_500,
+               "optimizer_state_bytes": 100_000}
+    line = next(l for l in format_summary(summary).splitlines() if "trainable" in l)
+    assert line.strip() == "parameters: 12,500 trainable of 1,000,000 (1.25%); optimizer state 0.1 MB"
