@@ -98,7 +98,7 @@ def test_shipped_example_config_is_valid_and_its_second_task_is_derived_from_emp
 
 def test_a_tasks_loss_weight_can_be_set_and_swept_by_its_dotted_index(tiny_bert, cls_data, tmp_path):
     from ftdist.errors import UserError
-    from ftdist.sweep_spec import check_space_key
+    from ftdist.sweep.spec import check_space_key
 
     raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}}, {"name": "b", "data": {"path": cls_data}}],
                     tmp_path)
