@@ -125,8 +125,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: RunConfig, session: Session) -> Setup:
-    from ftdist.modeling import load_model, load_tokenizer
+def start_worker(cfg: RunConfig, session: Session) -> tuple[torch.device, Precision, Any]:
+    """What every worker loop does first (single- and multi-task): its device, the process group,
+    seeds, the precision it can run, and the tokenizer."""
+    from ftdist.modeling import load_tokenizer
 
     device = pick_device(cfg, session.local_rank)
     init_distributed(device.type)
@@ -134,6 +136,13 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     precision = resolve_precision(cfg, device.type)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
                          cfg.storage)
+    return device, precision, tok
+
+
+def setup(cfg: RunConfig, session: Session) -> Setup:
+    from ftdist.modeling import load_model
+
+    device, precision, tok = start_worker(cfg, session)
     manifests = {s: load_manifest(split_uri(cfg, s), cfg.storage) for s in ("train", "validation", "test")}
     num_labels = cfg.model.num_labels or manifests["train"].num_labels
     label_names = cfg.model.label_names or manifests["train"].label_names

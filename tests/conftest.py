@@ -238,3 +238,58 @@ def process_group() -> Iterator[None]:
     """``single_process_group_env`` for a whole test module."""
     with single_process_group_env():
         yield
+
+
+def worker_pids(root_pid: int | None = None) -> list[int]:
+    """Ray Train worker processes started under ``root_pid`` (default: this test process), in start order."""
+    import psutil
+
+    out = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in c for c in p.cmdline()):
+                out.append((p.create_time(), p.pid))
+        except psutil.NoSuchProcess:
+            pass
+    return [pid for _, pid in sorted(out)]
+
+
+def train_killing_a_worker(cfg, run_dir: Path, checkpoint_marker: str) -> tuple[dict, int | None]:
+    """Run ``run_training(cfg)`` in a thread and SIGKILL the first Ray Train worker as soon as Ray has
+    registered a checkpoint whose name holds ``checkpoint_marker`` (e.g. ``batch000004``: mid-epoch);
+    returns (the run's summary, the killed pid or None if the run ended first)."""
+    import threading
+    import time
+
+    import psutil
+
+    from ftdist.launcher import run_training
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", run_training(cfg)))
+    t.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and t.is_alive():
+        snap = run_dir / "checkpoint_manager_snapshot.json"
+        if snap.exists() and checkpoint_marker in snap.read_text() and worker_pids():
+            killed = worker_pids()[0]
+            psutil.Process(killed).kill()  # SIGKILL, mid-epoch (a mid-epoch checkpoint exists)
+            break
+        time.sleep(0.05)
+    t.join(timeout=600)
+    return result.get("summary", {}), killed
+
+
+def assert_language_model_learned(summary: dict, vocab_size: int) -> None:
+    """An LM run (causal or masked): validation loss fell, perplexity is exp of the token-weighted mean
+    loss per epoch and on test, and the test loss clearly beats guessing uniformly (log V)."""
+    import math
+
+    e = summary["epochs"]
+    assert summary["eval_metric"] == "loss" and e[-1]["val_loss"] < e[0]["val_loss"], e
+    for rec in e:
+        assert rec["val_perplexity"] == pytest.approx(math.exp(rec["val_loss"]), rel=1e-9)
+    assert summary["test"]["perplexity"] == pytest.approx(math.exp(summary["test"]["loss"]), rel=1e-9)
+    uniform = math.log(vocab_size)
+    assert e[-1]["val_loss"] < uniform - 1 and summary["test"]["loss"] < uniform - 1, (e[-1]["val_loss"], uniform)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import base_config
+from conftest import base_config, train_killing_a_worker
 from ftdist.config import load_config
 from ftdist.launcher import run_training
 
@@ -24,16 +21,6 @@ def _train_ids(data: str) -> list[int]:
     return sorted(i for f in Path(data, "train").glob("*.parquet") for i in pq.read_table(f)["sample_id"].to_pylist())
 
 
-def _worker_pids(root_pid: int | None = None) -> list[int]:
-    """Ray Train worker processes started under ``root_pid`` (default: this test process), in start order."""
-    out = []
-    for p in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if any("RayTrainWorker" in c for c in p.cmdline()):
-                out.append((p.create_time(), p.pid))
-        except psutil.NoSuchProcess:
-            pass
-    return [pid for _, pid in sorted(out)]
 
 
 # (id, train/deepspeed settings, epochs). Accumulation 2 with a checkpoint every 3 batches puts the
@@ -51,22 +38,9 @@ def test_worker_sigkill_mid_epoch_restarts_and_trains_every_sample_once(name, tr
     sections = dict(train={"epochs": epochs, "learning_rate": 1e-2, **train}, deepspeed=deepspeed,
                     data={"record_sample_ids": True}, scaling={"max_failures": 2})
     cfg = load_config(data=base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "killed"}, **sections))
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault("summary", run_training(cfg)))
-    t.start()
     run = tmp_path / "runs" / "killed"
-    killed = None
-    deadline = time.time() + 240
-    while time.time() < deadline and t.is_alive():
-        snap = run / "checkpoint_manager_snapshot.json"
-        if snap.exists() and "batch000004" in snap.read_text() and _worker_pids():
-            killed = _worker_pids()[0]
-            psutil.Process(killed).kill()  # SIGKILL, mid-epoch (a mid-epoch checkpoint exists)
-            break
-        time.sleep(0.05)
-    t.join(timeout=600)
+    summary, killed = train_killing_a_worker(cfg, run, "batch000004")
     assert killed is not None, "the run ended before a worker could be killed"
-    summary = result["summary"]
     assert [e["epoch"] for e in summary["epochs"]] == list(range(1, epochs + 1))
 
     # The restarted workers restored a checkpoint (not a fresh start), and only ever a boundary one.

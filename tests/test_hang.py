@@ -14,9 +14,8 @@ import psutil
 import pytest
 import yaml
 
-from conftest import base_config
+from conftest import base_config, worker_pids
 from test_cli import kill_processes_mentioning
-from test_faults import _worker_pids
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 15
@@ -34,7 +33,7 @@ def test_stalled_rank_fails_within_timeout_naming_it(tiny_bert, cls_data, tmp_pa
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            pids = _worker_pids(proc.pid)
+            pids = worker_pids(proc.pid)
             if (tmp_path / "runs" / "stall" / "checkpoint_manager_snapshot.json").exists() and len(pids) == 2:
                 stopped = psutil.Process(pids[-1])
                 stopped.suspend()  # SIGSTOP one rank mid-training

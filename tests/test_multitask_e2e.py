@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import FILLER, base_config, prepare_local, write_jsonl
+from conftest import FILLER, base_config, prepare_local, train_killing_a_worker, write_jsonl
 from ftdist import run_folder as layout
 from ftdist.config import load_config
-from ftdist.launcher import format_summary, run_training
+from ftdist.launcher import format_summary
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +34,6 @@ def _train_ids(data: str) -> list[int]:
     return sorted(i for f in Path(data, "train").glob("*.parquet") for i in pq.read_table(f)["sample_id"].to_pylist())
 
 
-def _worker_pids() -> list[int]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in c for c in p.cmdline()):
-                out.append((p.create_time(), p.pid))
-        except psutil.NoSuchProcess:
-            pass
-    return [pid for _, pid in sorted(out)]
 
 
 def test_multitask_run_killed_mid_epoch_resumes_every_task_and_exports_a_model_per_task(
@@ -62,22 +50,9 @@ def test_multitask_run_killed_mid_epoch_resumes_every_task_and_exports_a_model_p
                     {"name": "length", "data": {"path": length_data}, "loss_weight": 0.5}]
     raw["multitask"] = {"sampling": "temperature", "temperature": 2.0}
     cfg = load_config(data=raw)
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault("summary", run_training(cfg)))
-    t.start()
     run = tmp_path / "runs" / "mt"
-    killed = None
-    deadline = time.time() + 240
-    while time.time() < deadline and t.is_alive():
-        snap = run / "checkpoint_manager_snapshot.json"
-        if snap.exists() and "batch000005" in snap.read_text() and _worker_pids():
-            killed = _worker_pids()[0]
-            psutil.Process(killed).kill()  # SIGKILL, mid-epoch (a mid-epoch checkpoint exists)
-            break
-        time.sleep(0.05)
-    t.join(timeout=600)
+    summary, killed = train_killing_a_worker(cfg, run, "batch000005")
     assert killed is not None, "the run ended before a worker could be killed"
-    summary = result["summary"]
     out = capfd.readouterr().out
     resumed = re.findall(r"resumed from checkpoint at epoch (\d+), batch (\d+) .*task positions (\{[^}]*\})", out)
     assert resumed, "the restarted workers did not resume from a checkpoint"

@@ -36,9 +36,9 @@ from ftdist.data.collate import collate
 from ftdist.data.manifest import check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
 from ftdist.diagnoses import check_loss_finite
-from ftdist.engine import build_engine, init_distributed, reapply_hyperparameters, resolve_precision
+from ftdist.engine import build_engine, reapply_hyperparameters
 from ftdist.loop import (Setup, accumulation_window, evaluate, mid_epoch_checkpoint_due, optimizer_steps_per_epoch,
-                         pick_device, seed_everything, split_uri, train_step)
+                         seed_everything, split_uri, start_worker, train_step)
 from ftdist.metrics import mfu, peak_tflops, per_class_metrics
 from ftdist.multitask import sampling
 from ftdist.multitask.model import MultiTaskModel
@@ -79,14 +79,9 @@ class MultiSetup:
 
 
 def setup(cfg: RunConfig, session: Session) -> MultiSetup:
-    from ftdist.modeling import load_model, load_tokenizer
+    from ftdist.modeling import load_model
 
-    device = pick_device(cfg, session.local_rank)
-    init_distributed(device.type)
-    seed_everything(cfg.run.seed + session.rank)
-    precision = resolve_precision(cfg, device.type)
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
-                         cfg.storage)
+    device, precision, tok = start_worker(cfg, session)
     fp = tokenizer_fingerprint(tok)
     views, models = [], {}
     torch.manual_seed(cfg.run.seed)  # identical heads on every rank
