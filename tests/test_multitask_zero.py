@@ -4,11 +4,17 @@ weights per batch, and the per-task exports are consolidated into standard loada
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import base_config, prepare_local, write_jsonl
-from ftdist.config import load_config
+from ftdist import run_folder as layout
+from ftdist.config import ModelSection, load_config
+from ftdist.modeling import load_model
+from ftdist.multitask.export import load_multitask_weights
+from ftdist.multitask.model import MultiTaskModel
 from ftdist.session import LocalSession
 from test_multitask_e2e import length_rows
 
@@ -46,3 +52,13 @@ def test_multitask_trains_and_exports_at_zero_stage(stage, tiny_bert, cls_data, 
     assert torch.equal(a.bert.embeddings.word_embeddings.weight, b.bert.embeddings.word_embeddings.weight)
     pre = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     assert not torch.equal(a.bert.embeddings.word_embeddings.weight, pre.bert.embeddings.word_embeddings.weight)
+
+    # The multi-head export loads back into a multi-task model and predicts what each task's export does.
+    models = {"sentiment": load_model(ModelSection(path=tiny_bert), 3, None, 0),
+              "length": load_model(ModelSection(path=tiny_bert), 2, None, 0)}
+    multi = MultiTaskModel(models, {"sentiment": 1.0, "length": 1.0}).eval()
+    load_multitask_weights(multi, str(Path(result["model_uri"]) / layout.MULTITASK_HEADS))
+    for task in ("sentiment", "length"):
+        multi.active_task = task
+        with torch.no_grad():
+            assert torch.allclose(multi(**enc).logits, logits[task], atol=1e-5)
