@@ -439,7 +439,14 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(nxt, dict | list):
             raise UserError(f"--set {key}: '{p}' is not a section; {did_you_mean(key).lstrip('; ') or 'check the key'}")
         cur = nxt
-    cur[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(cur, list):  # tasks.1 = {...}: an existing item replaced; any other key is not an item
+        if not last.isdigit() or int(last) >= len(cur):
+            raise UserError(f"--set {key}: '{last}' is not an item of that list (it has {len(cur)}"
+                            f"{': 0..' + str(len(cur) - 1) if cur else ' items'})")
+        cur[int(last)] = value
+        return
+    cur[last] = value
 
 
 def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
