@@ -203,3 +203,27 @@ def test_the_printed_report_gives_trainable_parameters_and_optimizer_state():
                "optimizer_state_bytes": 100_000}
     line = next(l for l in format_summary(summary).splitlines() if "trainable" in l)
     assert line.strip() == "parameters: 12,500 trainable of 1,000,000 (1.25%); optimizer state 0.1 MB"
+
+
+@pytest.mark.slow
+def test_a_pbt_exploit_continues_lora_with_its_own_learning_rate(tiny_bert, cls_data, tmp_path, process_group):
+    """What PBT does to a LoRA trial, without Ray: trial B continues trial A's checkpoint (adapters, head,
+    optimizer state) with a perturbed learning rate, and trains with B's."""
+    import shutil
+
+    from ftdist.loop import train_worker
+    from ftdist.sweep import reset_best_tracking
+
+    kw = {"epochs": 1, "max_steps_per_epoch": 3, "lr_schedule": "constant"}
+    sa = LocalSession(str(tmp_path / "a"))
+    train_worker(_config(tiny_bert, cls_data, tmp_path, "a", 2, **kw), sa)
+    name = json.loads((tmp_path / "a" / "latest.json").read_text())["name"]
+    shutil.copytree(tmp_path / "a" / name, tmp_path / "b" / name)
+    reset_best_tracking(str(tmp_path / "b" / name / "ftdist_state.json"))
+    (tmp_path / "b" / "latest.json").write_text(json.dumps({"name": name}))
+    sb = LocalSession(str(tmp_path / "b"))
+    result = train_worker(_config(tiny_bert, cls_data, tmp_path, "b", 2, **{**kw, "epochs": 2,
+                                                                             "learning_rate": 2e-3}), sb)
+    assert [r["lr"] for r in sa.reports] == [2e-2]
+    assert [(r["epoch"], r["lr"]) for r in sb.reports] == [(2, 2e-3)]
+    assert result["trainable_params"] == 2 * 2 * 4 * 64 + 99 and len(result["epochs"]) == 2
