@@ -331,7 +331,7 @@ def _finish(ms: MultiSetup, state: ckpt.TrainState, throughput: dict[str, Any],
         "label_names": None, "train_log": state.train_log, "tasks": tasks,
     }
     storage.write_text(join_uri(cfg.run_uri(), layout.RESULT), json.dumps(result, indent=1), cfg.storage)
-    preds = "".join(json.dumps({"task": n, "sample_id": i, "prediction": p}) + "\n"
-                    for n, (_, ps, _) in per_task.items() for i, p in ps)
+    preds = "".join(json.dumps({"task": n, "sample_id": i, "prediction": p, "scores": sc}) + "\n"
+                    for n, (_, ps, _) in per_task.items() for i, p, sc in ps)
     storage.write_text(join_uri(cfg.run_uri(), layout.PREDICTIONS), preds, cfg.storage)
     return result
