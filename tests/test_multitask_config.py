@@ -109,3 +109,13 @@ def test_a_tasks_loss_weight_can_be_set_and_swept_by_its_dotted_index(tiny_bert,
         load_config(data=raw, overrides=["tasks.2.loss_weight=0.5"])
     with pytest.raises(UserError, match="unknown key 'tasks.0.loss_weigth'"):
         load_config(data=raw, overrides=["tasks.0.loss_weigth=0.5"])
+
+
+def test_lora_with_tasks_is_refused_in_one_line_before_training(tiny_bert, cls_data, tmp_path, capsys):
+    """LoRA on the shared encoder of a multi-task model is not built: say so before training, rather
+    than wrap each task's model in its own adapters (heads would no longer share one encoder)."""
+    raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}}], tmp_path)
+    raw["model"]["lora"] = {"r": 4}
+    code, lines = run_cli(raw, tmp_path, capsys)
+    assert code == 2 and len(lines) == 1 and "model.lora" in lines[0] and "tasks:" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
