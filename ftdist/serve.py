@@ -243,13 +243,14 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
     from ray import serve
 
     started = False
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # the proxy binds on this machine (a cluster started here or already running in-process)
+        check_port_free(opts.host, opts.port)  # refuse before starting Ray
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        address = opts.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            check_port_free(opts.host, opts.port)  # the local proxy binds here: refuse before starting Ray
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
         started = True
     try:
