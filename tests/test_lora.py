@@ -212,7 +212,7 @@ def test_a_pbt_exploit_continues_lora_with_its_own_learning_rate(tiny_bert, cls_
     import shutil
 
     from ftdist.loop import train_worker
-    from ftdist.sweep import reset_best_tracking
+    from ftdist.sweep.trial import reset_best_tracking
 
     kw = {"epochs": 1, "max_steps_per_epoch": 3, "lr_schedule": "constant"}
     sa = LocalSession(str(tmp_path / "a"))
