@@ -472,7 +472,9 @@ def test_sweep_outputs_exist_and_agree(asha_sweep):
 
     for t in s["trials"]:
         scalars = read_scalars(d / "trials" / t["trial"] / "tensorboard")
-        assert len(scalars["val/accuracy"]) == t["epochs_run"], t["trial"]
+        # A trial running when the driver was killed resumed from its last checkpoint and logged the
+        # epochs after it again (same steps): count the epochs, not the events.
+        assert len({step for step, _ in scalars["val/accuracy"]}) == t["epochs_run"], (t["trial"], scalars)
 
 
 @pytest.mark.slow
