@@ -33,3 +33,24 @@ def export_tiny(base: str, out: Path, task: str = "sequence-classification", max
     export_model(types.SimpleNamespace(module=model), cfg, tok, str(out), rank=0,
                  extra={"best_epoch": 1, "test": {}, "label_names": labels, "max_length": max_length})
     return str(out)
+
+
+def wait_until_healthy(url: str, within_s: float, alive=None) -> None:
+    """Poll ``GET {url}/healthz`` until it answers 200; fail after ``within_s`` seconds, or at once when
+    ``alive()`` says the serving process has gone (its message is the assertion's)."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + within_s
+    while True:
+        if alive is not None:
+            ok, why = alive()
+            assert ok, why
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # up, but the replica still loading
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer /healthz within {within_s:.0f} s"
+        time.sleep(0.5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pytest
 import requests
 
 from conftest import NAMES, base_config, free_port, synthetic_rows, write_jsonl
+from exports import wait_until_healthy
 from ftdist.config import PrepareSection, StorageSection, load_config
 from ftdist.errors import UserError
 from ftdist.inference import Predictor
@@ -67,15 +67,7 @@ def service(trained) -> str:
                         limits=Limits(max_texts=8, max_text_chars=2000))
     _, started = start(opts, say=lambda _: None)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except (requests.ConnectionError, requests.Timeout):  # up, but the replica still loading
-            pass
-        assert time.monotonic() < deadline, "the service did not come up in 60 s"
-        time.sleep(0.5)
+    wait_until_healthy(url, 60)
     yield url
     stop(started)
     with pytest.raises(requests.ConnectionError):  # drained and gone: nothing listens any more

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 import requests
 
 from conftest import free_port
-from exports import export_tiny
+from exports import export_tiny, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +26,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, tiny_bert):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # up, but the replica still loading
-                pass
-            assert time.monotonic() < deadline, "ftdist serve did not answer /healthz within 120 s"
-            time.sleep(0.5)
+        wait_until_healthy(url, 120, alive=lambda: (proc.poll() is None,
+                                                     proc.communicate()[1][-2000:] if proc.poll() is not None else ""))
         r = requests.post(f"{url}/predict", json={"texts": ["the car was great", "awful"]}, timeout=60)
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
         assert requests.get(f"{url}/metadata", timeout=30).json()["model"] == model

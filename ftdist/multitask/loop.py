@@ -180,7 +180,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
     try:
         return _train(ms, tracker)
     except BaseException:
-        tracker.close({})
+        tracker.close({}, failed=True)  # as the single-task loop: the tracked run ends marked failed
         raise
     finally:
         with contextlib.suppress(Exception):
