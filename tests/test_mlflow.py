@@ -121,6 +121,12 @@ def test_a_run_is_one_mlflow_run_with_params_metrics_summary_plots_and_model(mlf
     assert run.info.status == "FINISHED"
     assert run.data.params["train.learning_rate"] == str(LR) and run.data.params["model.task"] == \
         "sequence-classification"
+    from ftdist.config import load_config
+    from ftdist.tracking import hyperparameters
+
+    # every scalar of the run's config is a parameter (the same set TensorBoard's hparams get), none left out
+    assert set(run.data.params) == set(hyperparameters(load_config(path))), \
+        set(hyperparameters(load_config(path))) ^ set(run.data.params)
     assert run.data.tags["ftdist.run_dir"] == str(tmp_path / "runs" / "tracked")
     rid = run.info.run_id
     loss = client.get_metric_history(rid, "train/loss")
