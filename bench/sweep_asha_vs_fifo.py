@@ -43,7 +43,7 @@ def load_finished(spec_path: str, overrides: list[str], name: str) -> dict[str, 
     :func:`check_same_trials` then proves the two sweeps drew the same trials.
     """
     from ftdist import storage
-    from ftdist.config import join_uri
+    from ftdist.uri import join_uri
     from ftdist.errors import UserError
 
     rs = _resolve(spec_path, overrides, "fifo", name)

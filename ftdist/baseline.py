@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 from ftdist.data.manifest import Manifest, load_manifest
 from ftdist.metrics import classification_metrics, per_class_metrics
 

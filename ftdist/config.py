@@ -1,4 +1,4 @@
-"""The run configuration: one YAML file, validated by a schema, addressable by dotted path.
+"""The run configuration's schema and its loading: one YAML file, validated, addressable by dotted path.
 
 Sections (all documented in README's config reference): ``run``, ``model``, ``data``, ``train``,
 ``deepspeed``, ``scaling``, ``storage``, ``tracking``. Every key can be overridden with ``--set dotted.key=value``
@@ -11,19 +11,19 @@ the config object, Ray's metadata or the saved ``config.yaml``.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ftdist.errors import UserError
+from ftdist.overrides import apply_overrides, known_paths, read_yaml, validation_message
 from ftdist.redaction import ENV_REF, has_env_ref, redact, resolve_env_refs
+from ftdist.uri import is_uri, join_uri
 
 TASKS = ("sequence-classification", "causal-lm", "masked-lm")
 #: metrics each task reports on the validation split (``val_`` prefix in reports)
@@ -383,127 +383,38 @@ def class_weights_mismatch(given: int, labels: int) -> str:
             f"class in label order, or use train.class_weights: balanced")
 
 
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
-
-
 # ---------------------------------------------------------------------------------------------
-# Loading, overrides and error messages
+# Loading: YAML + ``--set`` overrides (ftdist/overrides.py) + this schema
 
 
-def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
-        out.append(path)
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", ()) or (ann,):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                out.extend(_known_paths(cand, path + "."))
-    return out
+KNOWN_PATHS = known_paths(RunConfig)
 
 
-KNOWN_PATHS = _known_paths(RunConfig)
+def is_free_dict_key(key: str) -> bool:
+    """A dotted key inside a free-form mapping (raw DeepSpeed keys, fsspec options, custom resources),
+    which the schema cannot list: ``--set`` and sweep spaces accept any name there. Also a field of a
+    multi-task list item (``tasks.<i>.loss_weight``): the schema checks the name once it is set."""
+    return (any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
+            or re.fullmatch(r"tasks\.\d+\.[A-Za-z_][A-Za-z0-9_.]*", key) is not None)
 
 
-def did_you_mean(path: str, candidates: list[str] | None = None) -> str:
-    candidates = candidates if candidates is not None else KNOWN_PATHS
-    leaf_matches = [c for c in candidates if c.split(".")[-1] == path.split(".")[-1] and c != path]
-    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6) or leaf_matches[:1]
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise UserError(f"--set '{item}' must look like dotted.key=value, e.g. --set train.learning_rate=3e-5")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
-        raise UserError(f"--set key '{key}' is not a dotted path like train.learning_rate")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur: Any = d  # a section (dict) or, for tasks.N.key, a list
-    for p in parts[:-1]:
-        if isinstance(cur, list):  # a list item's field, e.g. tasks.1.loss_weight
-            if not p.isdigit() or int(p) >= len(cur):
-                raise UserError(f"--set {key}: '{p}' is not an item of that list (it has {len(cur)}: 0..{len(cur) - 1})")
-            cur = cur[int(p)]
-            continue
-        nxt = cur.get(p)
-        if nxt is None:
-            nxt = cur[p] = {}
-        if not isinstance(nxt, dict | list):
-            raise UserError(f"--set {key}: '{p}' is not a section; {did_you_mean(key).lstrip('; ') or 'check the key'}")
-        cur = nxt
-    last = parts[-1]
-    if isinstance(cur, list):  # tasks.1 = {...}: an existing item replaced; any other key is not an item
-        if not last.isdigit() or int(last) >= len(cur):
-            raise UserError(f"--set {key}: '{last}' is not an item of that list (it has {len(cur)}"
-                            f"{': 0..' + str(len(cur) - 1) if cur else ' items'})")
-        cur[int(last)] = value
-        return
-    cur[last] = value
-
-
-def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} file '{path}' not found; check the path")
-    if p.is_dir():
-        raise UserError(f"{what} file '{path}' is a directory; pass the YAML file inside it")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} file '{path}' is not readable ({e.__class__.__name__}); check its permissions/encoding")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{what} file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}")
-    if not isinstance(data, dict):
-        raise UserError(f"{what} file '{path}' must hold a mapping of sections (model:, data:, ...)")
-    return data
-
-
-def validation_message(err: ValidationError, source: str) -> str:
-    """One line for the first schema violation, naming the dotted key and the fix."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{loc}'{did_you_mean(loc)}"
-    if e["type"] == "missing":
-        return f"{source}: required key '{loc}' is missing; add it (see README config reference)"
-    msg = e["msg"].removeprefix("Value error, ")
-    got = e.get("input")
-    got_s = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
-    return f"{source}: '{loc}': {msg}{got_s}" if loc else f"{source}: {msg}"
+def accepts_key(key: str) -> bool:
+    """Whether ``--set`` (or a sweep space) may name ``key``: a schema path or a free-form mapping's key."""
+    return key in KNOWN_PATHS or is_free_dict_key(key)
 
 
 def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
              data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config as a plain dict with ``--set`` overrides applied (not yet validated)."""
     raw = copy.deepcopy(data) if data is not None else read_yaml(path)  # type: ignore[arg-type]
-    for item in overrides or []:
-        key, value = parse_override(item)
-        if key not in KNOWN_PATHS and not is_free_dict_key(key):
-            raise UserError(f"--set: unknown key '{key}'{did_you_mean(key)}")
-        set_dotted(raw, key, value)
-    return raw
+    return apply_overrides(raw, overrides or [], accepts_key, KNOWN_PATHS)
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(validation_message(e, source)) from None
+        raise UserError(validation_message(e, source, KNOWN_PATHS)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
@@ -513,32 +424,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     return absolutize_local_paths(validate(raw, str(path) if path else "config"))
 
 
-def literal_secrets(cfg: RunConfig) -> list[str]:
-    """Dotted keys holding a literal secret (not a ``${env:...}`` reference)."""
-    full = cfg.model_dump(mode="json")
-    redacted = redact(full)
-    out: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict):
-            for k in a:
-                walk(a[k], b.get(k) if isinstance(b, dict) else None, f"{prefix}{k}.")
-        elif a != b:
-            out.append(prefix.rstrip("."))
-
-    walk(full, redacted, "")
-    return out
-
-
-def _is_uri(p: str) -> bool:
-    return "://" in p
-
-
 def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     """Relative local paths are taken from the current directory (as any CLI does) and made
     absolute, because Ray workers run in another working directory."""
     def fix(p: str | None, must_exist: bool = False) -> str | None:
-        if p is None or _is_uri(p) or os.path.isabs(p) or ENV_REF.search(p):  # a reference: fixed once resolved
+        if p is None or is_uri(p) or os.path.isabs(p) or ENV_REF.search(p):  # a reference: fixed once resolved
             return p
         if must_exist and not os.path.exists(os.path.expanduser(p)) and not p.startswith((".", "~")):
             return p  # a hub id such as "bert-base-uncased" or "org/model"
@@ -555,14 +445,6 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
         if t.data.prepare is not None:
             t.data.prepare.input = fix(t.data.prepare.input)  # type: ignore[assignment]
     return cfg
-
-
-def is_free_dict_key(key: str) -> bool:
-    """A dotted key inside a free-form mapping (raw DeepSpeed keys, fsspec options, custom resources),
-    which the schema cannot list: ``--set`` and sweep spaces accept any name there. Also a field of a
-    multi-task list item (``tasks.<i>.loss_weight``): the schema checks the name once it is set."""
-    return (any(key.startswith(p + ".") for p in ("deepspeed.config", "storage.options", "scaling.resources_per_worker"))
-            or re.fullmatch(r"tasks\.\d+\.[A-Za-z_][A-Za-z0-9_.]*", key) is not None)
 
 
 def config_record(cfg: RunConfig, exclude: Any = None) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import StorageSection, join_uri
+from ftdist.config import StorageSection
+from ftdist.uri import join_uri
 from ftdist.errors import UserError
 from ftdist.export import EXPORT_MARKER
 from ftdist.redaction import redact_uri

@@ -21,7 +21,8 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.baseline import tfidf_baseline
-from ftdist.config import RunConfig, config_record, join_uri
+from ftdist.config import RunConfig, config_record
+from ftdist.uri import join_uri
 from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
 from ftdist.failures import describe_failure, diverged_loss_from_ray, storage_outage_from_ray, user_error_from_ray

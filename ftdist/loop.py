@@ -30,7 +30,8 @@ from ftdist import checkpoint as ckpt
 from ftdist import run_folder as layout
 from ftdist import selection
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens

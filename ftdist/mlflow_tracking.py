@@ -23,7 +23,8 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.sweep import layout as sweep_folder
-from ftdist.config import MlflowSection, RunConfig, join_uri
+from ftdist.config import MlflowSection, RunConfig
+from ftdist.uri import join_uri
 from ftdist.redaction import redact_uri
 
 #: MLflow accepts at most 100 parameters per log_batch call

@@ -13,7 +13,8 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 
 DPI = 100
 LEARNING_CURVES_SIZE = (10.0, 4.0)  # inches: 1000 x 400 pixels

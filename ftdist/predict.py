@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import StorageSection, join_uri
+from ftdist.config import StorageSection
+from ftdist.uri import join_uri
 from ftdist.errors import UserError
 from ftdist.failures import error_line_from_ray, user_error_from_ray
 from ftdist.inference import CLASSIFICATION, ExportInfo, Predictor, locate_export

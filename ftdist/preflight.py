@@ -15,7 +15,8 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import RunConfig, config_record, dump_config, join_uri
+from ftdist.config import RunConfig, config_record, dump_config
+from ftdist.uri import join_uri
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
 from ftdist.errors import StorageUnavailable, UserError

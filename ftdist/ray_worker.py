@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 
 
 class RaySession:

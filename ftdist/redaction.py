@@ -11,6 +11,8 @@ import os
 import re
 from typing import Any
 
+from pydantic import BaseModel
+
 from ftdist.errors import UserError
 
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -129,3 +131,21 @@ def resolve_env_refs(obj: Any) -> Any:
             return os.environ[name]
         return ENV_REF.sub(sub, obj)
     return obj
+
+
+def literal_secrets(cfg: BaseModel) -> list[str]:
+    """Dotted keys of a config holding a literal secret (not a ``${env:...}`` reference): what
+    ``ftdist submit`` refuses to ship in a job's metadata."""
+    full = cfg.model_dump(mode="json")
+    redacted = redact(full)
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict):
+            for k in a:
+                walk(a[k], b.get(k) if isinstance(b, dict) else None, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix.rstrip("."))
+
+    walk(full, redacted, "")
+    return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 
 CONFIG = "config.yaml"  # the resolved config, secrets redacted, ${env:...} references kept
 RUN_MARKER = "ftdist_run.json"  # fingerprint and world size: resume vs "another config"

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from ftdist.config import literal_secrets, load_raw, validate
+from ftdist.config import load_raw, validate
+from ftdist.redaction import literal_secrets
 from ftdist.redaction import is_secret_name
 from ftdist.errors import UserError
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import RunConfig, config_record, dump_config, join_uri
+from ftdist.config import RunConfig, config_record, dump_config
+from ftdist.uri import join_uri
 from ftdist.mlflow_tracking import MlflowTracker
 
 

@@ -164,7 +164,7 @@ def test_presigned_url_in_config_never_reaches_the_saved_config():
                       overrides=[f"model.path={SAS}"])
     text = dump_config(cfg)
     assert "deadbeefFAKESIGNATURE" not in text and "SASFAKESIG" not in text and "FAKESESSIONTOKEN123" not in text
-    from ftdist.config import literal_secrets
+    from ftdist.redaction import literal_secrets
 
     assert set(literal_secrets(cfg)) == {"model.path", "data.prepare.input"}
 

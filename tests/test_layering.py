@@ -70,3 +70,32 @@ def test_only_the_cli_imports_the_sweep_driver():
     layers (spec/space/layout -> trial -> driver -> CLI) would be tangled again."""
     importers = sorted(m for m, deps in import_graph().items() if "ftdist.sweep.driver" in deps)
     assert importers == ["ftdist.cli"], importers
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Top-level names a module defines itself (functions, classes, assignments), not ones it imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_every_name_is_imported_from_its_home_module():
+    """One home per concept: ``from ftdist.a import x`` only where ``a`` defines ``x``. An import that
+    works because ``a`` itself imported ``x`` hides where ``x`` lives and ties ``a``'s imports to
+    other modules' (e.g. ``join_uri`` belongs to ftdist.uri, not to ftdist.config which uses it)."""
+    files = {_module(p): p for p in ROOT.rglob("*.py")}
+    submodules = {m.rsplit(".", 1)[-1] for m in files}
+    offenders = []
+    for p in [*ROOT.rglob("*.py"), *(ROOT.parent / "tests").glob("*.py"), *(ROOT.parent / "bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in files:
+                home = _defined_names(files[node.module])
+                offenders += [f"{p.relative_to(ROOT.parent)}: {node.module}.{a.name}" for a in node.names
+                              if a.name not in home and a.name not in submodules]
+    assert not offenders, offenders

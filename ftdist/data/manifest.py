@@ -18,7 +18,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ftdist import storage
-from ftdist.config import TASKS, StorageSection, join_uri
+from ftdist.config import TASKS, StorageSection
+from ftdist.uri import join_uri
 from ftdist.errors import UserError
 
 FORMAT = "ftdist-dataset"

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftdist import storage
-from ftdist.config import PrepareSection, StorageSection, join_uri
+from ftdist.config import PrepareSection, StorageSection
+from ftdist.uri import join_uri
 from ftdist.redaction import redact_uri
 from ftdist.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, TokenLengths, tokenizer_fingerprint
 from ftdist.errors import UserError

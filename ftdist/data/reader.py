@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftdist import storage
-from ftdist.config import StorageSection, join_uri
+from ftdist.config import StorageSection
+from ftdist.uri import join_uri
 from ftdist.data.manifest import Manifest, load_manifest
 from ftdist.errors import UserError
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 from ftdist.export import EXPORT_MARKER, full_state_dict
 from ftdist.multitask.model import task_state_dict
 from ftdist.redaction import redact

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from ftdist import checkpoint as ckpt
 from ftdist import run_folder as layout
 from ftdist import selection, storage
-from ftdist.config import RunConfig, TaskSpec, join_uri
+from ftdist.config import RunConfig, TaskSpec
+from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader

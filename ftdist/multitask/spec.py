@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftdist.config import RunConfig, TaskSpec, join_uri
+from ftdist.config import RunConfig, TaskSpec
+from ftdist.uri import join_uri
 from ftdist.data.manifest import load_manifest
 from ftdist.errors import UserError
 

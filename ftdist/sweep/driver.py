@@ -38,7 +38,8 @@ from typing import Any
 from ray import tune
 
 from ftdist import storage
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 from ftdist.errors import UserError
 from ftdist.mlflow_tracking import finish_sweep_parent, start_sweep_parent
 from ftdist.sweep.layout import SPEC, SWEEP_MARKER, trial_name

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ftdist import storage
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 
 SWEEP_MARKER = "ftdist_sweep.json"  # fingerprint: resume vs "another spec"
 SPEC = "sweep.yaml"  # the resolved spec and base config (secrets redacted)

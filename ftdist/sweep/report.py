@@ -21,7 +21,7 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 from ftdist.sweep.layout import (
     BEST_MODEL,
     CURVES_PNG,

@@ -97,7 +97,7 @@ def build_scheduler(rs: ResolvedSweep) -> Any:
 
     s = rs.spec.scheduler
     if isinstance(s, AshaSpec):
-        from ftdist.config import join_uri
+        from ftdist.uri import join_uri
         from ftdist.sweep.asha import RUNGS_FILE, PersistentASHA
 
         return PersistentASHA(join_uri(rs.sweep_uri, RUNGS_FILE), rs.base_config.storage,

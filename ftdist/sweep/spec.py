@@ -22,20 +22,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftdist.config import (
-    KNOWN_PATHS,
-    TASK_METRICS,
-    RunConfig,
-    absolutize_local_paths,
-    did_you_mean,
-    is_free_dict_key,
-    join_uri,
-    parse_override,
-    read_yaml,
-    set_dotted,
-    validation_message,
-)
+from ftdist.config import KNOWN_PATHS, TASK_METRICS, RunConfig, absolutize_local_paths, accepts_key, validate
 from ftdist.errors import UserError
+from ftdist.overrides import apply_overrides, did_you_mean, parse_override, read_yaml, set_dotted, validation_message
+from ftdist.uri import join_uri
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "hyperband", "pbt", "median", "fifo")
@@ -119,8 +109,8 @@ def check_space_key(key: str) -> None:
     if key in _SECTIONS:
         raise ValueError(f"space key '{key}' is a config section; name a key inside it, e.g. "
                          f"{next(p for p in KNOWN_PATHS if p.startswith(key + '.'))}")
-    if key not in KNOWN_PATHS and not is_free_dict_key(key):
-        raise ValueError(f"space: unknown config key '{key}'{did_you_mean(key) or ' (see README config reference)'}")
+    if not accepts_key(key):
+        raise ValueError(f"space: unknown config key '{key}'{did_you_mean(key, KNOWN_PATHS) or ' (see README config reference)'}")
     if key in SWEEP_MANAGED or key.startswith("storage."):
         raise ValueError(f"space key '{key}' cannot be swept: the sweep sets it for every trial")
 
@@ -362,7 +352,7 @@ def apply_spec_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dic
             raw.setdefault("space", {})[key.split(".", 1)[1]] = value
         elif head in SPEC_KEYS:
             set_dotted(raw, key, value)
-        elif key in KNOWN_PATHS or is_free_dict_key(key):
+        elif accepts_key(key):
             base_sets.append(item)
         else:
             raise UserError(f"--set: unknown key '{key}' (neither a sweep spec key nor a run config key)"
@@ -440,19 +430,11 @@ def load_base(spec: SweepSpec, raw: dict[str, Any] | None = None) -> dict[str, A
         raw = copy.deepcopy(raw)
     else:
         raw = read_yaml(spec.base.path) if spec.base.path else copy.deepcopy(spec.base.config or {})
-    for item in spec.base.set:
-        key, value = parse_override(item)
-        if key not in KNOWN_PATHS and not is_free_dict_key(key):
-            raise UserError(f"sweep spec base.set: unknown key '{key}'{did_you_mean(key)}")
-        set_dotted(raw, key, value)
-    return raw
+    return apply_overrides(raw, spec.base.set, accepts_key, KNOWN_PATHS, what="sweep spec base.set")
 
 
 def _validate(raw: dict[str, Any], source: str) -> RunConfig:
-    try:
-        return absolutize_local_paths(RunConfig.model_validate(raw))
-    except ValidationError as e:
-        raise UserError(validation_message(e, source)) from None
+    return absolutize_local_paths(validate(raw, source))
 
 
 def resolve_sweep(spec: SweepSpec, base_raw: dict[str, Any] | None = None) -> ResolvedSweep:
@@ -472,7 +454,7 @@ def resolve_sweep(spec: SweepSpec, base_raw: dict[str, Any] | None = None) -> Re
             try:
                 RunConfig.model_validate(sample)
             except ValidationError as e:
-                msg = validation_message(e, "config").removeprefix("config: ")
+                msg = validation_message(e, "config", KNOWN_PATHS).removeprefix("config: ")
                 raise UserError(f"sweep spec: space '{key}' value {value!r} is not a valid run config value: "
                                 f"{msg}") from None
     first = copy.deepcopy(base)

@@ -22,7 +22,8 @@ from ray.train.v2.api.callback import UserCallback
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.checkpoint import STATE_FILE
-from ftdist.config import RunConfig, join_uri
+from ftdist.config import RunConfig
+from ftdist.uri import join_uri
 from ftdist.sweep import layout as sweep_layout
 from ftdist.sweep.layout import INIT_CHECKPOINT, POINTER, SEGMENT, SEGMENT_MARKER
 from ftdist.sweep.spec import ResolvedSweep, trial_config
