@@ -73,9 +73,9 @@ def overfitting(history: list[dict[str, Any]], metric: str, mode: str,
     if early_stopping_patience is not None or len(history) < OVERFIT_EPOCHS + 1:
         return None
     tail = history[-(OVERFIT_EPOCHS + 1):]
-    vals = [e.get(f"val_{metric}") for e in tail]
-    losses = [e.get("train_loss") for e in tail]
-    if any(v is None for v in vals + losses):
+    vals = [v for e in tail if (v := e.get(f"val_{metric}")) is not None]
+    losses = [v for e in tail if (v := e.get("train_loss")) is not None]
+    if len(vals) < len(tail) or len(losses) < len(tail):  # an epoch without the metric: nothing to compare
         return None
     worse = all((b < a) if mode == "max" else (b > a) for a, b in zip(vals, vals[1:]))
     learning = all(b < a for a, b in zip(losses, losses[1:]))

@@ -43,7 +43,7 @@ def save_weights(module: Any, cfg: RunConfig, state_dict: dict[str, Any], folder
 
 def export_model(engine: Any, cfg: RunConfig, tokenizer: Any, uri: str, rank: int, extra: dict[str, Any]) -> None:
     state_dict = full_state_dict(engine, cfg.deepspeed.zero_stage)
-    if rank != 0:
+    if rank != 0 or state_dict is None:
         return
     state_dict = {k: v.cpu().contiguous() for k, v in state_dict.items()}
     with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:

@@ -128,7 +128,8 @@ class Predictor:
         cls = AutoModelForSequenceClassification if self.info.task == CLASSIFICATION else AutoModelForCausalLM
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor/replica says nothing useful
-        self.model = cls.from_pretrained(local, dtype=torch.float32).to(self.device).eval()
+        model: Any = cls.from_pretrained(local, dtype=torch.float32)  # the stubs type .to() on the class
+        self.model = model.to(self.device).eval()
         self.max_length = effective_max_length(self.info, self.tokenizer, self.model.config)
         # Rows per forward: a GPU wants whole batches; on a CPU smaller length-sorted chunks pad less.
         self.chunk_size = chunk_size if self.device.type == "cpu" else 1 << 30

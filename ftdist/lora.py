@@ -107,7 +107,7 @@ def is_lora(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def merged_model(trained: Any, state_dict: dict[str, torch.Tensor], task: str) -> torch.nn.Module:
+def merged_model(trained: Any, state_dict: dict[str, torch.Tensor], task: str) -> Any:
     """A plain HF model with the adapters folded into the base weights, from the trained peft model's
     full state dict (gathered: under ZeRO-3 ``trained`` holds only partitions).
 

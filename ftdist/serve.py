@@ -138,8 +138,9 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
             torch.set_num_threads(threads)
             self.predictor = Predictor(model, StorageSection.model_validate_json(storage_json))
             self.limits, self.max_batch_size = limits, max_batch_size
-            self.infer.set_max_batch_size(max_batch_size)
-            self.infer.set_batch_wait_timeout_s(wait_s)
+            batched: Any = self.infer  # Serve's @serve.batch wrapper; its setters are not in the stubs
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(wait_s)
 
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:
@@ -185,7 +186,7 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
     if opts.max_replicas and opts.max_replicas > opts.replicas:
         scaling = {"autoscaling_config": {"min_replicas": opts.replicas, "max_replicas": opts.max_replicas,
                                           "target_ongoing_requests": max(2, opts.max_batch_size)}}
-    deployment = serve.deployment(
+    deployment: Any = serve.deployment(  # called with the class: a Deployment (the stubs type the decorator form)
         ModelServer, name="model", ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": gpus},
         # Requests beyond this wait in Serve's router with backoff (measured: at 32 clients and a
         # bound of 8, p99 4.5 s); a generous bound keeps the queue in the replica, where batches form.

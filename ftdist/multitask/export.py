@@ -36,7 +36,7 @@ def export_multitask(engine: Any, cfg: RunConfig, tasks: list[Any], tokenizer: A
     """Write every task's folder and the multi-head folder (collective under ZeRO-3: all ranks call)."""
     full = full_state_dict(engine, cfg.deepspeed.zero_stage)
     uris = {t.name: join_uri(uri, t.name) for t in tasks}
-    if rank != 0:
+    if rank != 0 or full is None:
         return uris
     full = {k: v.cpu().contiguous() for k, v in full.items()}
     model = engine.module
