@@ -65,7 +65,7 @@ def local_path(uri: str) -> str:
     return os.path.expanduser(uri)
 
 
-def _s3_kwargs(cfg: StorageSection) -> dict[str, Any]:
+def _s3_kwargs(cfg: StorageSection, client_retries: bool) -> dict[str, Any]:
     opts = resolve_env_refs(dict(cfg.options))
     endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
@@ -74,18 +74,24 @@ def _s3_kwargs(cfg: StorageSection) -> dict[str, Any]:
     config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
     config_kwargs.setdefault("connect_timeout", 5)
     config_kwargs.setdefault("read_timeout", 60)
-    # botocore retries throttling/5xx/connection errors with jittered exponential backoff (standard
-    # mode); our budget-bounded loop in `retrying` adds the long waits around whole operations.
-    config_kwargs.setdefault("retries", {"max_attempts": cfg.retries + 1, "mode": "standard"})
+    # One retry layer per access path. ftdist's own calls go through `retrying` below (budget-bounded,
+    # logged, classified), so botocore's retries are off there (one attempt per call) and s3fs's are
+    # switched off where the filesystem is built: nested, the layers multiplied (storage.retries: 2
+    # meant 12 requests to a failing endpoint). Ray's controller reads and writes the run folder through
+    # its own pyarrow filesystem, which `retrying` cannot wrap: there botocore retries (standard mode).
+    attempts = cfg.retries + 1 if client_retries else 1
+    config_kwargs.setdefault("retries", {"total_max_attempts": attempts, "mode": "standard"})
     return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs,
             "skip_instance_cache": True, **opts}
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_fs(protocol: str, cfg_json: str) -> fsspec.AbstractFileSystem:
+def _cached_fs(protocol: str, cfg_json: str, client_retries: bool = False) -> fsspec.AbstractFileSystem:
     cfg = StorageSection.model_validate_json(cfg_json)
     if protocol in ("s3", "s3a"):
-        return fsspec.filesystem("s3", **_s3_kwargs(cfg))
+        fs = fsspec.filesystem("s3", **_s3_kwargs(cfg, client_retries))
+        fs.retries = 1  # s3fs's own loop (a class attribute, not a constructor option): one attempt
+        return fs
     return fsspec.filesystem(protocol, **resolve_env_refs(dict(cfg.options)))
 
 
@@ -101,9 +107,10 @@ def pyarrow_filesystem(uri: str, cfg: StorageSection) -> tuple[Any, str]:
     """(pyarrow FileSystem, path) for Ray's ``RunConfig(storage_filesystem=..., storage_path=...)``."""
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(uri, cfg)
     if not is_remote(uri):
-        return pafs.LocalFileSystem(), path
+        return pafs.LocalFileSystem(), filesystem(uri, cfg)[1]
+    protocol, _, path = uri.partition("://")
+    fs = _cached_fs(protocol, cfg.model_dump_json(), client_retries=True)  # Ray's calls: see _s3_kwargs
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
