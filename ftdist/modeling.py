@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -166,29 +165,42 @@ def partitioned_construction(zero3_config: dict[str, Any] | None) -> Iterator[No
         unset_hf_deepspeed_config()
 
 
+def supported_attention(model_cls: Any, config: Any, requested: str | None) -> tuple[str | None, str | None]:
+    """(the attention implementation to load with, a one-line warning or None), decided from what the
+    architecture declares (transformers' ``_supports_flash_attn`` / ``_supports_sdpa`` class flags) and
+    what this machine has (flash-attn installed and a GPU it supports), before anything is loaded.
+
+    The README's fallbacks: flash_attention_2 -> sdpa, and sdpa -> the model's default (eager) for an
+    architecture without an SDPA path. Why not refuse: the same config then runs on a laptop and on a
+    GPU cluster, only slower where flash-attn is absent."""
+    from transformers.utils import is_flash_attn_2_available
+
+    mapping = getattr(model_cls, "_model_mapping", None)  # an Auto class: the concrete class for this config
+    concrete = mapping[type(config)] if mapping is not None and type(config) in mapping else model_cls
+    name = concrete.__name__
+    attn, warning = requested, None
+    if attn == "flash_attention_2":
+        if not is_flash_attn_2_available():
+            attn, warning = "sdpa", ("model.attn_implementation=flash_attention_2 needs the flash-attn package and a "
+                                     "GPU it supports, not found here; using sdpa (pip install flash-attn on GPU nodes)")
+        elif not getattr(concrete, "_supports_flash_attn", False):
+            attn, warning = "sdpa", f"{name} has no flash_attention_2 path; using sdpa"
+    if attn == "sdpa" and not getattr(concrete, "_supports_sdpa", False):
+        reason = f"{name} has no sdpa path; using its default attention"
+        attn, warning = None, f"{warning.rsplit(';', 1)[0]}, and {reason}" if warning else reason
+    return attn, warning
+
+
 def _load_with_attention(cls: Any, local: str, config: Any, requested: str | None, **kw: Any) -> Any:
-    """Load with ``model.attn_implementation``, falling back as the README promises, with one warning
-    line: flash_attention_2 -> sdpa when the flash-attn package (or a GPU it supports) is missing,
-    and sdpa -> the model's default when the architecture has no SDPA path. Why not refuse: the same
-    config then runs on a laptop and on a GPU cluster, only slower where flash-attn is absent."""
-    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        log.warning("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
-                    "installed; using sdpa (pip install flash-attn on GPU nodes to use it)")
-        requested = "sdpa"
-    candidates = [requested] + (["sdpa"] if requested == "flash_attention_2" else []) + ([None] if requested else [])
-    for i, attn in enumerate(candidates):
-        extra = {"attn_implementation": attn} if attn else {}
-        try:
-            return _from_pretrained_quietly(cls, local, config=config, **extra, **kw)
-        except (ImportError, ValueError) as e:
-            text = str(e).lower()
-            if i + 1 == len(candidates) or not any(w in text for w in ("attn", "attention", "sdpa", "flash")):
-                if isinstance(e, ImportError):
-                    raise ValueError(str(e)) from None  # a missing package: one line via the caller
-                raise
-            log.warning("model does not support attn_implementation=%s (%s); using %s", attn,
-                        str(e).splitlines()[0][:120], candidates[i + 1] or "its default")
-    raise AssertionError("unreachable: the last candidate returns or raises")
+    """Load once, with the attention :func:`supported_attention` picks (its warning logged once)."""
+    attn, warning = supported_attention(cls, config, requested)
+    if warning:
+        log.warning(warning)
+    extra = {"attn_implementation": attn} if attn else {}
+    try:
+        return _from_pretrained_quietly(cls, local, config=config, **extra, **kw)
+    except ImportError as e:
+        raise ValueError(str(e)) from None  # a missing package: one line via the caller
 
 
 # Top-level modules that fine-tuning adds on purpose (HF's task heads): starting them from random

@@ -32,3 +32,36 @@ def test_missing_pretrained_weights_warn_but_a_new_task_head_does_not(tiny_bert,
         _load(str(damaged))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "layer.1.output.dense.weight" in warnings[0] and "is model.path" in warnings[0]
+
+
+def _tiny_deberta(path) -> str:
+    """DeBERTa-v2 declares no SDPA path in transformers (its ``_supports_sdpa`` is False)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    cfg = DebertaV2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=32)
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_an_architecture_without_sdpa_loads_its_default_attention_with_one_warning(tmp_path, caplog):
+    path = _tiny_deberta(tmp_path / "deberta")
+    for requested, says in (("sdpa", ["no sdpa path"]), ("flash_attention_2", ["flash-attn", "no sdpa path"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ftdist.modeling"):
+            model = load_model(ModelSection(path=path, attn_implementation=requested), 2, None, 0)
+        assert model.config._attn_implementation == "eager"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and all(w in warnings[0] for w in says), warnings
+        assert "\n" not in warnings[0]
+
+
+def test_the_attention_is_decided_before_loading_from_what_the_architecture_declares(tiny_bert):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ftdist.modeling import supported_attention
+
+    bert = AutoConfig.from_pretrained(tiny_bert)
+    assert supported_attention(AutoModelForSequenceClassification, bert, "sdpa") == ("sdpa", None)
+    assert supported_attention(AutoModelForSequenceClassification, bert, "eager") == ("eager", None)
+    assert supported_attention(AutoModelForSequenceClassification, bert, None) == (None, None)
