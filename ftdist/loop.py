@@ -140,44 +140,81 @@ def start_worker(cfg: RunConfig, session: Session) -> tuple[torch.device, Precis
     return device, precision, tok
 
 
-def setup(cfg: RunConfig, session: Session) -> Setup:
-    from ftdist.modeling import load_model
+@dataclass
+class DataSetup:
+    """The data side of a run: the splits' manifests (checked against the model and tokenizer), the
+    labels they name, and this rank's training reader with the batches per epoch it plans."""
 
-    device, precision, tok = start_worker(cfg, session)
+    manifests: dict[str, Manifest]
+    num_labels: int | None
+    label_names: list[str] | None
+    train_reader: ShardReader
+    steps_per_epoch: int
+
+
+@dataclass
+class ModelSetup:
+    """The model side of a run: the DeepSpeed engine (model, optimizer, LR schedule) and its sizes."""
+
+    engine: Any
+    n_params: int
+    n_trainable: int
+
+
+def setup_data(cfg: RunConfig, session: Session, tokenizer: Any) -> DataSetup:
+    """Manifests of every split (compatible with the task and tokenizer) and the training reader."""
     manifests = {s: load_manifest(split_uri(cfg, s), cfg.storage) for s in ("train", "validation", "test")}
     num_labels = cfg.model.num_labels or manifests["train"].num_labels
     label_names = cfg.model.label_names or manifests["train"].label_names
-    fp = tokenizer_fingerprint(tok)
+    fp = tokenizer_fingerprint(tokenizer)
     for s, m in manifests.items():
         check_compatible(m, split_uri(cfg, s), cfg.model.task, num_labels, fp)
-    torch.manual_seed(cfg.run.seed)  # identical head initialisation on every rank
-    partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
-    model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage,
-                       zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
-    n_params, n_trainable = parameter_counts(model)
-    seed_everything(cfg.run.seed + session.rank)
-    train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
+    train_reader = split_reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tokenizer)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    total = cfg.train.epochs * optimizer_steps_per_epoch(steps, cfg.train.gradient_accumulation_steps)
+    return DataSetup(manifests, num_labels, label_names, train_reader, steps)
+
+
+def setup_model(cfg: RunConfig, device: torch.device, precision: Precision, pad_token_id: int,
+                num_labels: int | None, label_names: list[str] | None, optimizer_steps: int) -> ModelSetup:
+    """The pre-trained model loaded (into ZeRO-3 partitions where configured) and wrapped by
+    DeepSpeed with an LR schedule planned for ``optimizer_steps``. The benchmark harness builds its
+    contender through this function too, so what it measures is what runs train."""
+    from ftdist.modeling import load_model
+
+    torch.manual_seed(cfg.run.seed)  # identical head initialisation on every rank
+    partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
+    model = load_model(cfg.model, num_labels, label_names, pad_token_id, cfg.storage,
+                       zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
+    n_params, n_trainable = parameter_counts(model)
     if not partitioned:
         model.to(device)  # zero.Init already placed the partitions
-    engine, _ = build_engine(cfg, model, total, precision)
+    engine, _ = build_engine(cfg, model, optimizer_steps, precision)
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
-    weights = class_weights(cfg.train.class_weights, manifests["train"].label_counts, num_labels or 0)
-    return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
-                 train_reader, steps, total,
+    return ModelSetup(engine, n_params, n_trainable)
+
+
+def setup(cfg: RunConfig, session: Session) -> Setup:
+    """A worker's whole run state: worker start, then data (it sizes the LR schedule), then model."""
+    device, precision, tok = start_worker(cfg, session)
+    data = setup_data(cfg, session, tok)
+    total = cfg.train.epochs * optimizer_steps_per_epoch(data.steps_per_epoch, cfg.train.gradient_accumulation_steps)
+    model = setup_model(cfg, device, precision, tok.pad_token_id, data.num_labels, data.label_names, total)
+    seed_everything(cfg.run.seed + session.rank)  # dropout and masking differ per rank from here on
+    weights = class_weights(cfg.train.class_weights, data.manifests["train"].label_counts, data.num_labels or 0)
+    return Setup(cfg, session, device, precision, tok, data.manifests, data.num_labels, data.label_names,
+                 model.n_params, model.engine, data.train_reader, data.steps_per_epoch, total,
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                 n_trainable=n_trainable,
+                 n_trainable=model.n_trainable,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
                  if cfg.model.task == "masked-lm" else None)
 
 
-def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
-            tokenizer: Any) -> ShardReader:
+def split_reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
+                 tokenizer: Any) -> ShardReader:
     """This rank's reader for ``split``; the tokenizer is used only by raw-text data sets."""
     d = cfg.data
     return ShardReader(split_uri(cfg, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
@@ -260,7 +297,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
     """Loss and task metrics over a whole split, summed across ranks (every rank runs the same
     number of batches, which ZeRO-3's parameter gathering needs), the predictions if asked, and
     the summed confusion matrix (classification; per-class figures, plots and diagnoses use it)."""
-    reader = _reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
+    reader = split_reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
     engine, task = s.engine, s.cfg.model.task
     k = s.num_labels or 1
     confusion = torch.zeros(k, k, dtype=torch.long)
@@ -318,7 +355,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
         tracker.close({}, failed=True)  # what was recorded up to a failure (a diverged loss) stays readable
         raise
     finally:
-        _teardown(s)
+        teardown(s)
 
 
 def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
@@ -476,7 +513,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     return result
 
 
-def _teardown(s: Setup) -> None:
+def teardown(s: Setup) -> None:
     """Free the engine before the process exits: without this ZeRO-3 aborted at exit in ~1/3 of runs."""
     with contextlib.suppress(Exception):
         s.engine.destroy()
