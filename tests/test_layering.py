@@ -109,3 +109,8 @@ def test_the_benchmark_builds_ftdist_through_the_loops_setup():
               for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)}
     assert not called & {"load_model", "build_engine"}, called & {"load_model", "build_engine"}
     assert {"setup", "setup_model"} <= called
+
+
+def test_every_module_states_its_job_in_a_docstring():
+    missing = [str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py")) if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing
