@@ -150,3 +150,109 @@ def test_heatmap_is_a_png_with_one_cell_row_per_model():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", png[16:24])
     assert (w, h) == (2 * 100 + 2 * 160, int(1.2 * 100 + 3 * 60))  # (2 + 1.6 * sets) x (1.2 + 0.6 * rows) in
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: masked-LM stage, then the task from its export; a failure in stage 2, then a rerun
+
+
+def _files(root: Path) -> dict[str, tuple[float, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def _direct_accuracy(export: Path, split: Path) -> float:
+    """Accuracy of an export on a prepared split, with plain transformers, one row at a time."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    right = n = 0
+    for f in sorted(split.glob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
+            right += int(logits.argmax(-1).item() == row["label"])
+            n += 1
+    return right / n
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_local):
+    import psutil
+
+    from ftdist.errors import RunFailed
+    from ftdist.pipeline.runner import run_pipeline
+
+    rows = synthetic_rows(300, seed=3)
+    mlm = write_jsonl(tmp_path / "mlm.jsonl", [{"text": r["text"]} for r in rows[:150]])
+    gen = write_jsonl(tmp_path / "general.jsonl", [{"text": f"{r['text']} of the year"} for r in rows[150:210]])
+    cls = write_jsonl(tmp_path / "cls.jsonl", synthetic_rows(150, seed=4))
+    small = {"deepspeed": {"zero_stage": 0}, "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
+    dapt = _stage("dapt", tiny_bert, str(tmp_path / "ds-mlm"), "masked-lm",
+                  eval=[{"name": "in-domain"},
+                        {"name": "general", "data": str(tmp_path / "ds-gen"),
+                         "prepare": {"input": str(gen), "label_field": None, "rows_per_shard": 50}}])
+    dapt["config"]["data"]["prepare"] = {"input": str(mlm), "label_field": None, "rows_per_shard": 50}
+    task = _stage("task", "${stage:dapt}", str(tmp_path / "ds-cls"))
+    task["config"]["data"]["prepare"] = {"input": str(cls), "rows_per_shard": 50}
+    for st in (dapt, task):
+        st["config"].update(small)
+    task["config"]["train"]["epochs"] = 2
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [dapt, task]))
+    root = tmp_path / "runs" / "p"
+
+    # 1) stage 2 fails after its first epoch's checkpoint (a worker is killed): the pipeline stops there
+    failed: dict = {}
+    t = threading.Thread(target=lambda: failed.setdefault("error", _raises(run_pipeline, p)))
+    t.start()
+    snap = root / "stages" / "task" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and t.is_alive():
+        if snap.exists() and "epoch001" in snap.read_text() and worker_pids():
+            psutil.Process(worker_pids()[0]).kill()
+            break
+        time.sleep(0.05)
+    t.join(timeout=300)
+    assert isinstance(failed.get("error"), RunFailed), failed
+    partial = json.loads((root / layout.SUMMARY).read_text())
+    assert partial["status"] == "running" and partial["rows"] == ["dapt"]
+    stage1 = _files(root / "stages" / "dapt")
+    assert any(k.startswith("model/") for k in stage1)
+
+    # 2) rerun: stage 1 is kept as it is, stage 2 resumes from its checkpoint and finishes
+    summary = run_pipeline(p)
+    assert _files(root / "stages" / "dapt") == stage1, "a finished stage was touched by the rerun"
+    assert [r["skipped"] for r in summary["stages"]] == [True, False] and summary["stages"][1]["resumed"] is True
+    assert summary["status"] == "completed" and summary == json.loads((root / layout.SUMMARY).read_text())
+
+    # the matrix: 2 stages x 3 sets, R[i][i] = the stage's own validation figure (same evaluation code,
+    # same masking) and the task's column = a direct, independent evaluation of its export
+    R, start = summary["matrix"], summary["start"]
+    assert [s["name"] for s in summary["sets"]] == ["in-domain", "general", "task"]
+    assert len(R) == 2 and all(len(r) == 3 for r in R)
+    d = json.loads((root / "stages" / "dapt" / "summary.json").read_text())
+    tk = json.loads((root / "stages" / "task" / "summary.json").read_text())
+    assert R[0][0] == pytest.approx(d["epochs"][-1]["val_perplexity"], rel=1e-6)
+    best = next(e for e in tk["epochs"] if e["epoch"] == tk["best_epoch"])
+    assert R[1][2] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert R[1][2] == pytest.approx(_direct_accuracy(root / "stages" / "task" / "model",
+                                                     tmp_path / "ds-cls" / "validation"), abs=1e-9)
+    assert R[0][2] is None and start[2] is None  # no head for the task before its stage
+    assert all(v is not None and math.isfinite(v) for v in (R[0][0], R[0][1], R[1][0], R[1][1], start[0], start[1]))
+    assert R[1][0] != R[0][0]  # the task's encoder under the masked-LM stage's head: another model
+    assert R[0][0] < start[0]  # masked-LM training lowered in-domain perplexity
+    ppl = summary["summaries"]["perplexity"]
+    assert ppl["bwt"] == pytest.approx(((R[1][0] - R[0][0]) + (R[1][1] - R[0][1])) / 2)
+    assert ppl["acc"] == pytest.approx((R[1][0] + R[1][1]) / 2) and summary["summaries"]["accuracy"]["fwt"] is None
+    png = (root / layout.MATRIX_PNG).read_bytes()
+    assert png[:4] == b"\x89PNG" and summary["heatmap"] == str(root / layout.MATRIX_PNG)
+    assert summary["overhead"]["ratio"] is not None and summary["overhead"]["between_stages_s"] >= 0
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+        return e
+    return None

@@ -84,7 +84,7 @@ def heatmap_png(R: Matrix, baseline: list[float | None], rows: list[str], column
     labels = ["start", *rows]
     shade = [[math.nan] * len(columns) for _ in table]
     for j, c in enumerate(columns):
-        vals = [r[j] for r in table if r[j] is not None]
+        vals = [v for v in (r[j] for r in table) if v is not None]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         for i, r in enumerate(table):
             v = r[j]

@@ -84,20 +84,21 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float) -> di
     baseline = [(start.get(s.name) or {}).get("value") for s in sets]
     stage_s = sum(r["stage_s"] for r in records)
     between = wall - stage_s  # everything the pipeline adds: evaluations, summaries, the heatmap
-    summary = {
+    row_names = [str(r["name"]) for r in records]
+    summary: dict[str, Any] = {
         "pipeline": p.name, "status": "completed" if len(records) == len(p.stages) else "running",
         "pipeline_dir": p.uri, "stages": records,
         "sets": [{"name": s.name, "stage": p.stages[s.stage].name, "task": s.task, "data": s.data, "split": s.split,
                   "metric": s.metric, "mode": s.mode,
                   "start_head_trained": (start.get(s.name) or {}).get("head_trained")} for s in sets],
-        "rows": [r["name"] for r in records], "matrix": R, "start": baseline,
+        "rows": row_names, "matrix": R, "start": baseline,
         "summaries": summaries(R, baseline, columns) if R else {},
         "heatmap": join_uri(p.uri, layout.MATRIX_PNG),
         "wall_time_s": wall, "overhead": {"stages_s": stage_s, "between_stages_s": between,
                                           "ratio": between / stage_s if stage_s else None},
     }
     storage.write_bytes(join_uri(p.uri, layout.MATRIX_PNG),
-                        heatmap_png(R, baseline, summary["rows"], columns), p.storage)
+                        heatmap_png(R, baseline, row_names, columns), p.storage)
     storage.write_text(join_uri(p.uri, layout.SUMMARY), json.dumps(summary, indent=1), p.storage)
     return summary
 
