@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
-    p = sub.add_parser("submit", help="run `ftdist train CONFIG` as a job on a Ray cluster (Ray Job SDK)")
+    p = sub.add_parser("submit", help="run `ftdist train CONFIG` (or `ftdist pipeline FILE` for a pipeline file) "
+                                      "as a job on a Ray cluster (Ray Job SDK)")
     _add_config_args(p)
     p.add_argument("--address", required=True, help="Ray job server, e.g. http://HEAD:8265")
     p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 from ftdist.data.masking import EVAL_KEYS, Masker
 from ftdist.data.reader import ShardReader
 from ftdist.evaluation import evaluate_batches

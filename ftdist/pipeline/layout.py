@@ -7,7 +7,7 @@ so a stage's export is ``stages/<stage>/model``: the path a ``${stage:NAME}`` re
 from __future__ import annotations
 
 from ftdist import run_folder
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 
 SPEC = "pipeline.yaml"  # the resolved pipeline: every stage's config (secrets redacted)
 SUMMARY = "pipeline_summary.json"  # written after every stage: stages, the matrix, the summaries

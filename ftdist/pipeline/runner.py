@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from ftdist import run_folder, storage
-from ftdist.config import join_uri
+from ftdist.uri import join_uri
 from ftdist.launcher import run_training
 from ftdist.preflight import prepare_data_if_needed
 from ftdist.pipeline import layout

@@ -21,11 +21,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ftdist.config import (PrepareSection, RunConfig, StorageSection, absolutize_local_paths, did_you_mean, join_uri, load_raw,
-                           read_yaml, validate, validation_message)
+from ftdist.config import PrepareSection, RunConfig, StorageSection, absolutize_local_paths, load_raw, validate
 from ftdist.errors import UserError
+from ftdist.overrides import did_you_mean, known_paths, parse_override, read_yaml, set_dotted, validation_message
 from ftdist.pipeline import layout
 from ftdist.redaction import redact
+from ftdist.uri import join_uri
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 STAGE_REF = re.compile(r"\$\{stage:([^}]*)\}")
@@ -65,6 +66,9 @@ class PipelineSpec(Spec):
     name: str = Field(..., pattern=NAME_PATTERN, description="the pipeline folder under storage.path")
     storage: StorageSection = Field(default_factory=StorageSection)
     stages: list[StageSpec] = Field(..., min_length=1)
+
+
+PIPELINE_KEYS = known_paths(PipelineSpec)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def load_pipeline(path: str, overrides: list[str] | None = None, data: dict[str,
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError(validation_message(e, source)) from None
+        raise UserError(validation_message(e, source, PIPELINE_KEYS)) from None
     storage = absolutize_storage(spec.storage)
     uri = join_uri(storage.path, spec.name)
     names = [s.name for s in spec.stages]
@@ -160,9 +164,18 @@ def load_pipeline(path: str, overrides: list[str] | None = None, data: dict[str,
     return Pipeline(spec.name, storage, tuple(stages), source)
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
-    from ftdist.config import parse_override, set_dotted
+def self_contained(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The pipeline file with ``--set`` applied and every stage's ``path:`` replaced by its config inline
+    (``${stage:...}`` and ``${env:...}`` references kept as written): one file that runs anywhere, e.g.
+    as a Ray job whose working directory holds nothing else."""
+    raw = _apply_overrides(read_yaml(path, what="pipeline"), overrides or [], f"pipeline {path}")
+    for st in raw.get("stages") or []:
+        if isinstance(st, dict) and isinstance(st.get("path"), str):
+            st["config"] = read_yaml(st.pop("path"), what=f"stage '{st.get('name')}' config")
+    return raw
 
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     for item in overrides:
         stage, sep, rest = item.partition(":")
         if sep and "=" in rest and "=" not in stage and "." not in stage:  # stage:key=value
@@ -175,7 +188,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> 
             entries[0]["set"] = list(entries[0].get("set") or []) + [rest]
             continue
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
+        set_dotted(raw, key, value, PIPELINE_KEYS)
     return raw
 
 
