@@ -53,6 +53,7 @@ def run_pipeline(p: Pipeline) -> dict[str, Any]:
     sets = p.sets
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    before = _previous_records(p)
     for i, st in enumerate(p.stages):
         print(f"[ftdist] pipeline '{p.name}': stage {i + 1}/{len(p.stages)} '{st.name}'", flush=True)
         done = storage.exists(join_uri(st.config.resolved().run_uri(), run_folder.SUMMARY), p.storage)
@@ -65,16 +66,34 @@ def run_pipeline(p: Pipeline) -> dict[str, Any]:
         seconds = _measure(p, i, [j for j, s in enumerate(sets) if s.stage <= i])
         seconds += _measure(p, i - 1, own) if i > 0 else 0.0
         seconds += _measure(p, -1, own)
-        records.append({"name": st.name, "task": st.config.model.task, "run_dir": run["run_dir"],
-                        "model_uri": run.get("model_uri"), "resumed": run.get("resumed", False),
-                        "skipped": done,
-                        "stage_s": t1 - t0, "evaluation_s": seconds, "test": run.get("test"),
-                        "best_epoch": run.get("best_epoch")})
+        record = {"name": st.name, "task": st.config.model.task, "run_dir": run["run_dir"],
+                  "model_uri": run.get("model_uri"), "resumed": run.get("resumed", False), "skipped": done,
+                  "stage_s": t1 - t0, "evaluation_s": seconds, "between_s": time.time() - t1,
+                  "test": run.get("test"), "best_epoch": run.get("best_epoch")}
+        if done and st.name in before:  # the times of the run that trained it, not of this report
+            record.update({k: before[st.name][k] for k in ("stage_s", "evaluation_s", "between_s", "resumed")})
+        records.append(record)
+        t2 = time.time()
         summary = write_summary(p, records, time.time() - started)
+        if not done:  # writing the summary and heatmap is part of what the pipeline adds between stages
+            record["between_s"] += time.time() - t2
+            summary = write_summary(p, records, time.time() - started, heatmap=False)
     return summary
 
 
-def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def _previous_records(p: Pipeline) -> dict[str, dict[str, Any]]:
+    """The stage records of an earlier run of this pipeline (a rerun reports a kept stage's times)."""
+    uri = join_uri(p.uri, layout.SUMMARY)
+    if not storage.exists(uri, p.storage):
+        return {}
+    try:
+        old = json.loads(storage.read_text(uri, p.storage))
+        return {r["name"]: r for r in old.get("stages") or [] if "between_s" in r}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return {}  # a damaged summary is rewritten below; only the times of kept stages are lost
+
+
+def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float, heatmap: bool = True) -> dict[str, Any]:
     """The pipeline summary and heatmap for the stages done so far."""
     sets = p.sets
     columns = [Column(s.name, s.stage, s.metric, s.mode) for s in sets]
@@ -83,7 +102,7 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float) -> di
     R = [[(r.get(s.name) or {}).get("value") for s in sets] for r in rows]
     baseline = [(start.get(s.name) or {}).get("value") for s in sets]
     stage_s = sum(r["stage_s"] for r in records)
-    between = wall - stage_s  # everything the pipeline adds: evaluations, summaries, the heatmap
+    between = sum(r["between_s"] for r in records)  # what the pipeline adds: evaluations, summaries, the heatmap
     row_names = [str(r["name"]) for r in records]
     summary: dict[str, Any] = {
         "pipeline": p.name, "status": "completed" if len(records) == len(p.stages) else "running",
@@ -97,8 +116,9 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float) -> di
         "wall_time_s": wall, "overhead": {"stages_s": stage_s, "between_stages_s": between,
                                           "ratio": between / stage_s if stage_s else None},
     }
-    storage.write_bytes(join_uri(p.uri, layout.MATRIX_PNG),
-                        heatmap_png(R, baseline, row_names, columns), p.storage)
+    if heatmap:
+        storage.write_bytes(join_uri(p.uri, layout.MATRIX_PNG), heatmap_png(R, baseline, row_names, columns),
+                            p.storage)
     storage.write_text(join_uri(p.uri, layout.SUMMARY), json.dumps(summary, indent=1), p.storage)
     return summary
 
