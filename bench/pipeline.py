@@ -39,7 +39,7 @@ def fitted_head_perplexity(p: Any, examples: int, lr: float) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForMaskedLM
 
-    from ftdist.config import join_uri
+    from ftdist.uri import join_uri
     from ftdist.data.collate import collate
     from ftdist.data.masking import Masker
     from ftdist.data.reader import ShardReader
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the fitted-head reference")
     ap.add_argument("--out", default="bench/out/pipeline.json")
     args = ap.parse_args(argv)
-    from ftdist.config import join_uri
+    from ftdist.uri import join_uri
     from ftdist.pipeline.runner import format_pipeline, run_pipeline
     from ftdist.pipeline.spec import load_pipeline
 

@@ -205,7 +205,7 @@ def _load_with_attention(cls: Any, local: str, config: Any, requested: str | Non
 
 # Top-level modules that fine-tuning adds on purpose (HF's task heads): starting them from random
 # weights is expected. Anything else missing from the checkpoint means the wrong model was given.
-TASK_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs")
+TASK_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs", "cls")  # cls: BERT's masked-LM head
 
 
 def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:

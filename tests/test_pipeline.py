@@ -177,7 +177,8 @@ def _direct_accuracy(export: Path, split: Path) -> float:
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_local):
+def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_local, s3_server, s3_bucket,
+                                                       monkeypatch):
     import psutil
 
     from ftdist.errors import RunFailed
@@ -247,6 +248,17 @@ def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_
     png = (root / layout.MATRIX_PNG).read_bytes()
     assert png[:4] == b"\x89PNG" and summary["heatmap"] == str(root / layout.MATRIX_PNG)
     assert summary["overhead"]["ratio"] is not None and summary["overhead"]["between_stages_s"] >= 0
+
+    # the same pipeline folder in S3 (moto's server): an entry measured from the exports there is the same
+    from ftdist.pipeline.evaluate import evaluate_entry
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    fs = s3_server.fs()
+    for f in (f for f in root.rglob("*") if f.is_file()):
+        fs.put_file(str(f), f"{s3_bucket[5:]}/pipes/p/{f.relative_to(root)}")
+    remote = load_pipeline("p.yaml", [f"storage.path={s3_bucket}/pipes"], data=_pipeline(tmp_path, [dapt, task]))
+    assert remote.stage("task").config.model.path == f"{s3_bucket}/pipes/p/stages/dapt/model"
+    assert evaluate_entry(remote, 1, remote.sets[0])["value"] == pytest.approx(R[1][0], rel=1e-9)
 
 
 def _raises(fn, *args):
