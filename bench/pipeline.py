@@ -77,7 +77,8 @@ def fitted_head_perplexity(p: Any, examples: int, lr: float) -> dict[str, Any]:
             "seconds": time.time() - t0}
 
 
-def task_runs(p: Any, seeds: list[int], root: str, stage_summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def task_runs(p: Any, seeds: list[int], root: str, stage_summary: dict[str, Any],
+              progress: Any = None) -> dict[str, list[dict[str, Any]]]:
     """The task stage's config from the adapted export and from the pre-trained model, per seed (the
     adapted arm at the stage's own seed is the pipeline's task stage: ``stage_summary``)."""
     from ftdist.launcher import run_training
@@ -99,6 +100,8 @@ def task_runs(p: Any, seeds: list[int], root: str, stage_summary: dict[str, Any]
             s = run_training(cfg)
             out[arm].append({"seed": seed, "test": s["test"], "wall_s": time.time() - t0,
                              "best_epoch": s["best_epoch"]})
+            if progress is not None:
+                progress(out)  # a long comparison leaves its finished runs on disk
     return out
 
 
@@ -146,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(ratio {adapted / ref['perplexity']:.3f}); + initialised head {summary['start'][0]:.1f}", flush=True)
     if args.seeds:
         seeds = [p.stages[1].config.run.seed] + list(range(1, args.seeds))
-        runs = task_runs(p, seeds, join_uri(p.uri, "compare"), stage_summaries[1])
+        def save(partial: dict[str, Any]) -> None:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({**result, "task_partial": partial}, f, indent=1)
+
+        runs = task_runs(p, seeds, join_uri(p.uri, "compare"), stage_summaries[1], save)
         result["task"] = runs
         for metric in ("accuracy", "macro_f1"):
             a = [r["test"][metric] for r in runs["adapted"]]
