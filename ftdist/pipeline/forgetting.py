@@ -74,7 +74,8 @@ def format_matrix(R: Matrix, baseline: list[float | None], rows: list[str], colu
 
 def heatmap_png(R: Matrix, baseline: list[float | None], rows: list[str], columns: list[Column]) -> bytes:
     """Rows: the starting model, then each stage; columns: the sets. Each column is coloured on its own
-    scale, darker = better (a perplexity and an accuracy share no scale); cells show the values."""
+    scale, darker = better (a perplexity and an accuracy share no scale; perplexity on a log scale); cells
+    show the values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,12 +85,14 @@ def heatmap_png(R: Matrix, baseline: list[float | None], rows: list[str], column
     labels = ["start", *rows]
     shade = [[math.nan] * len(columns) for _ in table]
     for j, c in enumerate(columns):
-        vals = [v for v in (r[j] for r in table) if v is not None]
+        # perplexities span orders of magnitude (an initialised head: ~1e4): shaded on a log scale
+        scale = (lambda v: math.log(max(v, 1e-12))) if c.metric == "perplexity" else (lambda v: v)
+        vals = [scale(v) for v in (r[j] for r in table) if v is not None]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         for i, r in enumerate(table):
             v = r[j]
             if v is not None:
-                x = 0.5 if hi == lo else (v - lo) / (hi - lo)
+                x = 0.5 if hi == lo else (scale(v) - lo) / (hi - lo)
                 shade[i][j] = x if c.mode == "max" else 1 - x
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(columns), 1.2 + 0.6 * len(table)), dpi=DPI)
     ax.imshow(shade, cmap="Blues", vmin=-0.2, vmax=1.2, aspect="auto")
@@ -103,7 +106,7 @@ def heatmap_png(R: Matrix, baseline: list[float | None], rows: list[str], column
     ax.set_yticks(range(len(table)), labels, fontsize=8)
     ax.set_xlabel("evaluation set")
     ax.set_ylabel("model after stage")
-    ax.set_title("R[after stage][on set] (per-column colour: darker = better)", fontsize=9)
+    ax.set_title("R[after stage][on set] (colour per column, darker = better; perplexity: log scale)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
