@@ -228,13 +228,14 @@ def test_cluster_commands_against_ray_start(workdir, tiny_bert, cls_data):
 @pytest.mark.slow
 def test_the_pipeline_example_runs_and_prints_the_matrix(workdir, tiny_bert):
     """The shipped example as written (its data script, then `ftdist pipeline`), shrunk by --set: a tiny
-    model, 200-row samples, 2 steps per epoch."""
+    model, 200-row samples, 2 steps per epoch, one worker."""
     data = subprocess.run([sys.executable, "cluster/jobs/pipeline_data.py"], cwd=workdir, capture_output=True,
                           text=True, timeout=120)
     assert data.returncode == 0 and "general-text.csv" in data.stdout, data.stderr
     env = _ray_env(workdir)
     small = [f"dapt:model.path={tiny_bert}", "dapt:data.prepare.limit=200", "dapt:train.max_steps_per_epoch=2",
-             "task:data.prepare.limit=200", "task:train.epochs=1", "task:train.max_steps_per_epoch=2"]
+             "task:data.prepare.limit=200", "task:train.epochs=1", "task:train.max_steps_per_epoch=2",
+             "dapt:scaling.num_workers=1", "task:scaling.num_workers=1"]
     try:
         p = _ftdist(workdir, "pipeline", "cluster/jobs/pipeline-dapt.yaml", *[a for kv in small for a in ("--set", kv)],
                     env=env)
