@@ -1,4 +1,4 @@
-"""``ftdist`` command line: train, data prepare, tune, submit, config show, predict, serve.
+"""``ftdist`` command line: train, data prepare, tune, pipeline, submit, config show, predict, serve.
 
 User errors (:class:`ftdist.errors.UserError`) print one line and exit 2; ``--debug`` shows the
 traceback. Anything else is an internal error and keeps its traceback (exit 1).
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
-    p = sub.add_parser("submit", help="run `ftdist train CONFIG` as a job on a Ray cluster (Ray Job SDK)")
+    p = sub.add_parser("submit", help="run `ftdist train CONFIG` (or `ftdist pipeline FILE` for a pipeline file) "
+                                      "as a job on a Ray cluster (Ray Job SDK)")
     _add_config_args(p)
     p.add_argument("--address", required=True, help="Ray job server, e.g. http://HEAD:8265")
     p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
@@ -71,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(train.epochs=2) by dotted path (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+
+    p = sub.add_parser("pipeline", help="run stages in order (e.g. domain-adaptive MLM, then the task), "
+                                        "measuring forgetting after each")
+    p.add_argument("spec", help="pipeline YAML (see README, Pipelines; example: cluster/jobs/pipeline-dapt.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline key (storage.path=...) or, as STAGE:KEY=VALUE, a key of one stage's "
+                        "config (task:train.epochs=2) (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--print-config", metavar="STAGE",
+                   help="print STAGE's resolved run config (its ${stage:...} references resolved) and exit: "
+                        "e.g. the base of a sweep over that stage")
 
     _add_deploy_args(sub)
 
@@ -235,6 +247,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.config, args.overrides, args.address, args.follow, args.env)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from ftdist.config import dump_config
+    from ftdist.pipeline.spec import load_pipeline
+
+    overrides = list(args.overrides)
+    p = load_pipeline(args.spec, overrides, address=args.address)  # every stage checked before anything trains
+    if args.print_config:
+        print(dump_config(p.stage(args.print_config).config), end="")
+        return 0
+    from ftdist.pipeline.runner import format_pipeline, run_pipeline
+
+    print(format_pipeline(run_pipeline(p)), flush=True)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from ftdist.sweep.spec import load_sweep_spec, resolve_sweep
 
@@ -251,7 +278,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit, "tune": cmd_tune, "predict": cmd_predict,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

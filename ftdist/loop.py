@@ -34,14 +34,14 @@ from ftdist.config import RunConfig
 from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
-from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens
+from ftdist.data.masking import EVAL_KEYS, Masker
 from ftdist.data.reader import ShardReader
-from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
                            memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
-from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
+from ftdist.evaluation import all_reduce_sum, evaluate_batches
+from ftdist.metrics import (class_weights, mfu, peak_tflops,
                             per_class_metrics)
 from ftdist.progress import Progress
 from ftdist.session import Session
@@ -276,10 +276,7 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum(values, device)
 
 
 def _log(s: Setup, msg: str, clear: str = "") -> None:
@@ -296,46 +293,18 @@ def evaluate(s: Setup, split: str, predictions: bool = False
              ) -> tuple[dict[str, float], list[tuple[int, int, list[float]]], list[list[int]] | None]:
     """Loss and task metrics over a whole split, summed across ranks (every rank runs the same
     number of batches, which ZeRO-3's parameter gathering needs), the predictions if asked, and
-    the summed confusion matrix (classification; per-class figures, plots and diagnoses use it)."""
+    the summed confusion matrix (classification; per-class figures, plots and diagnoses use it).
+    The pass itself is :func:`ftdist.evaluation.evaluate_batches` (the pipeline's evaluation too)."""
     reader = split_reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
-    engine, task = s.engine, s.cfg.model.task
-    k = s.num_labels or 1
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    loss_sum, count = 0.0, 0.0
-    preds: list[tuple[int, int, list[float]]] = []
-    engine.eval()
-    with torch.no_grad():
-        for i, rows in enumerate(reader.batches(0)):
-            batch = collate(rows, s.tokenizer.pad_token_id, task, pin_memory=s.device.type == "cuda")
-            if s.masker is not None:  # the same tokens every pass: validation losses compare models, not draws
-                batch = s.masker(batch, (EVAL_KEYS[split], s.session.rank, i))
-            with _autocast(s):
-                out = engine(**_to_device(batch, s.device))
-            if task == "sequence-classification":
-                pred = out.logits.argmax(-1).cpu()
-                labels = batch["labels"]
-                confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-                loss_sum += out.loss.item() * len(rows)
-                if predictions:
-                    preds.extend(zip(batch["sample_id"].tolist(), pred.tolist(), class_scores(out.logits)))
-            else:
-                n_tok = masked_tokens(batch["labels"] if task == "masked-lm" else batch["labels"][:, 1:])
-                loss_sum += out.loss.item() * n_tok
-                count += n_tok
-    engine.train()
-    if task == "sequence-classification":
-        totals = _all_reduce([loss_sum] + confusion.flatten().tolist(), s.device)
-        summed = torch.tensor(totals[1:]).reshape(k, k)
-        metrics = classification_metrics(totals[0], summed)
-    else:
-        loss_sum, count = _all_reduce([loss_sum, count], s.device)
-        metrics = causal_lm_metrics(loss_sum, count)
-    if predictions and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, preds)
-        preds = [p for part in gathered for p in part]
-    matrix = summed.round().long().tolist() if task == "sequence-classification" else None
-    return metrics, sorted(preds), matrix
+    s.engine.eval()
+    try:
+        # masked LM: the same tokens every pass (validation losses compare models, not draws)
+        return evaluate_batches(lambda batch: s.engine(**batch), reader.batches(0), s.tokenizer.pad_token_id,
+                                s.cfg.model.task, s.num_labels, s.device, masker=s.masker,
+                                mask_key=(EVAL_KEYS[split], s.session.rank), predictions=predictions,
+                                autocast=lambda: _autocast(s))
+    finally:
+        s.engine.train()
 
 
 def _save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) -> None:

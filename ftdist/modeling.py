@@ -205,7 +205,7 @@ def _load_with_attention(cls: Any, local: str, config: Any, requested: str | Non
 
 # Top-level modules that fine-tuning adds on purpose (HF's task heads): starting them from random
 # weights is expected. Anything else missing from the checkpoint means the wrong model was given.
-TASK_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs")
+TASK_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs", "cls")  # cls: BERT's masked-LM head
 
 
 def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
@@ -224,7 +224,9 @@ def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
         if bars:
             hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
-    foreign = [k for k in missing if k.split(".")[0] not in TASK_HEADS]
+    # BERT's pooler is trained only by next-sentence prediction or a classification head: a masked-LM
+    # export (domain-adaptive pre-training, then the task) has none, and the classifier trains it.
+    foreign = [k for k in missing if k.split(".")[0] not in TASK_HEADS and ".pooler." not in f".{k}"]
     if foreign:
         log.warning("%d weight(s) are not in the checkpoint at %s and start random (%s%s); is model.path the "
                     "pre-trained model you meant?", len(foreign), local, ", ".join(foreign[:4]),

@@ -1,6 +1,8 @@
-"""``ftdist submit``: run ``ftdist train`` as a Ray job on a cluster through Ray's Job SDK.
+"""``ftdist submit``: run ``ftdist train`` (or ``ftdist pipeline`` for a pipeline file) as a Ray job on a
+cluster through Ray's Job SDK.
 
-What travels: the validated config (with ``--set`` applied) in a small working directory, and a
+What travels: the validated config (with ``--set`` applied; a pipeline with every stage's config
+inline) in a small working directory, and a
 runtime_env with non-secret environment variables (S3 endpoint, region, offline flags, and any
 ``--env`` the user names). What never travels: secret values. A config with a literal secret
 is refused (use ``${env:NAME}``); credentials reach the job from the cluster's own environment
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 from ftdist.config import load_raw, validate
+from ftdist.overrides import read_yaml
 from ftdist.redaction import literal_secrets
 from ftdist.redaction import is_secret_name
 from ftdist.errors import UserError
@@ -47,16 +50,32 @@ def job_env(extra: list[str]) -> dict[str, str]:
     return env
 
 
-def submit(config_path: str, overrides: list[str], address: str, follow: bool, env: list[str],
-           command: str = "train") -> int:
+def job_payload(config_path: str, overrides: list[str]) -> tuple[dict[str, Any], str, str]:
+    """What travels for ``config_path``: the file's content (``--set`` applied), the ftdist command that
+    runs it and the run's (or pipeline's) name. A pipeline file (``stages:``) travels with every stage's
+    config inline and is checked whole first; no config may hold a literal secret."""
+    if "stages" in read_yaml(config_path):
+        from ftdist.pipeline.spec import load_pipeline, self_contained
+
+        raw = self_contained(config_path, overrides)
+        configs = [(f"stage '{st.name}' ", st.config) for st in load_pipeline(config_path, data=raw).stages]
+        command, name = "pipeline", str(raw["name"])
+    else:
+        raw = load_raw(config_path, overrides)
+        cfg = validate(raw, config_path)
+        configs, command, name = [("", cfg)], "train", cfg.run.name
+    for where, cfg in configs:
+        secrets = literal_secrets(cfg)
+        if secrets:
+            raise UserError(f"{where}config key {secrets[0]} holds a literal secret; write it as ${{env:NAME}} and "
+                            f"provide NAME in the cluster's environment, so it never travels in job metadata")
+    return raw, command, name
+
+
+def submit(config_path: str, overrides: list[str], address: str, follow: bool, env: list[str]) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    raw = load_raw(config_path, overrides)
-    cfg = validate(raw, config_path)
-    secrets = literal_secrets(cfg)
-    if secrets:
-        raise UserError(f"config key {secrets[0]} holds a literal secret; write it as ${{env:NAME}} and provide NAME "
-                        f"in the cluster's environment, so it never travels in job metadata")
+    raw, command, name = job_payload(config_path, overrides)
     environment = job_env(env)
     try:
         client = JobSubmissionClient(address)
@@ -68,8 +87,9 @@ def submit(config_path: str, overrides: list[str], address: str, follow: bool, e
             yaml.safe_dump(raw, f, sort_keys=False)
         job_id = submit_when_ready(client, entrypoint=f"python -m ftdist {command} {JOB_CONFIG}",
                                    runtime_env={"working_dir": wd, "env_vars": environment},
-                                   metadata={"ftdist_run": cfg.run.name, "ftdist_command": command})
-    print(f"submitted job {job_id} (run '{cfg.run.name}') to {address}", flush=True)
+                                   metadata={"ftdist_run": name, "ftdist_command": command})
+    print(f"submitted job {job_id} ({'pipeline' if command == 'pipeline' else 'run'} '{name}') to {address}",
+          flush=True)
     if not follow:
         return 0
     return follow_job(client, job_id)

@@ -161,7 +161,31 @@ CASES = {
                                   "model 's3://bad-input-empty/no-model' does not exist"),
     # --- runs
     "run-folder-other-config": (lambda w: train(w, run={"name": "existing"}), "was made by a different config"),
+    # --- pipelines (ftdist pipeline): refused before any stage trains
+    "pipeline-missing-file": (lambda w: ["pipeline", str(w["root"] / "nope.yaml")], "pipeline file"),
+    "pipeline-unknown-stage-ref": (lambda w: pipe(w, "${stage:dap}"), "names no stage; did you mean 'dapt'?"),
+    "pipeline-later-stage-ref": (lambda w: pipe(w, "${stage:later}"), "names stage 'later', which runs after it"),
+    "pipeline-self-ref": (lambda w: pipe(w, "${stage:task}"), "names itself"),
+    "pipeline-set-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--set", "tsk:train.epochs=2"],
+                                   "has no stage 'tsk'; did you mean 'task'?"),
+    "pipeline-stage-bad-key": (lambda w: pipe(w, "${stage:dapt}") + ["--set", "task:train.epocs=2"],
+                               "did you mean 'train.epochs'"),
+    "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
+                                     "no stage 'dapp'; did you mean 'dapt'?"),
 }
+
+
+def pipe(w, task_model: str) -> list[str]:
+    """``ftdist pipeline`` over dapt -> task -> later, the task stage's model.path being ``task_model``."""
+    stages = []
+    for name, model in (("dapt", w["bert"]), ("task", task_model), ("later", w["bert"])):
+        cfg = _cfg(w)
+        cfg.pop("run"), cfg.pop("storage")
+        cfg["model"]["path"] = model
+        stages.append({"name": name, "config": cfg})
+    p = w["root"] / "pipeline-job.yaml"
+    p.write_text(yaml.safe_dump({"name": "pipe", "storage": {"path": str(w["root"] / "runs")}, "stages": stages}))
+    return ["pipeline", str(p)]
 
 
 def _raw(w, text: str) -> str:

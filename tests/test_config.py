@@ -112,12 +112,20 @@ SWEEPS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "tune").g
 
 @pytest.mark.parametrize("path", SHIPPED)
 def test_saved_config_of_every_shipped_job_loads_back_to_the_same_fingerprint(path, tmp_path):
-    cfg = load_config(path)
-    saved = tmp_path / "config.yaml"
-    saved.write_text(dump_config(cfg))
-    again = load_config(saved)
-    assert again.fingerprint() == cfg.fingerprint()
-    assert again.model_dump() == cfg.model_dump()
+    import yaml
+
+    if "stages" in yaml.safe_load(Path(path).read_text()):  # a pipeline file: each stage's config
+        from ftdist.pipeline.spec import load_pipeline
+
+        configs = [st.config for st in load_pipeline(path).stages]
+    else:
+        configs = [load_config(path)]
+    for cfg in configs:
+        saved = tmp_path / "config.yaml"
+        saved.write_text(dump_config(cfg))
+        again = load_config(saved)
+        assert again.fingerprint() == cfg.fingerprint()
+        assert again.model_dump() == cfg.model_dump()
 
 
 @pytest.mark.parametrize("path", SWEEPS)

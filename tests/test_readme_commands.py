@@ -40,6 +40,8 @@ COVERED = {
     "ftdist tune tune/demo-pbt.yaml": "test_demo_sweeps_and_resume",
     "ftdist submit cluster/jobs/gpu-bert.yaml --address http://HEAD:8265 --follow [--set ...] [--env NAME=value]":
         "test_cluster_commands_against_ray_start",
+    "python cluster/jobs/pipeline_data.py && ftdist pipeline cluster/jobs/pipeline-dapt.yaml":
+        "test_the_pipeline_example_runs_and_prints_the_matrix",
 }
 # Inline commands of the cluster section (not in ```bash blocks) and where they are exercised.
 INLINE = {
@@ -221,3 +223,29 @@ def test_cluster_commands_against_ray_start(workdir, tiny_bert, cls_data):
                     *[a for kv in gpu for a in ("--set", kv)], "--env", "HF_HUB_OFFLINE=1",
                     cwd=str(workdir), env=cluster["env"], timeout=600)
         assert q.returncode == 0 and "finished: SUCCEEDED" in q.stdout, (q.stdout + q.stderr)[-4000:]
+
+
+@pytest.mark.slow
+def test_the_pipeline_example_runs_and_prints_the_matrix(workdir, tiny_bert):
+    """The shipped example as written (its data script, then `ftdist pipeline`), shrunk by --set: a tiny
+    model, 200-row samples, 2 steps per epoch, one worker."""
+    data = subprocess.run([sys.executable, "cluster/jobs/pipeline_data.py"], cwd=workdir, capture_output=True,
+                          text=True, timeout=120)
+    assert data.returncode == 0 and "general-text.csv" in data.stdout, data.stderr
+    env = _ray_env(workdir)
+    small = [f"dapt:model.path={tiny_bert}", "dapt:data.prepare.limit=200", "dapt:train.max_steps_per_epoch=2",
+             "task:data.prepare.limit=200", "task:train.epochs=1", "task:train.max_steps_per_epoch=2",
+             "dapt:scaling.num_workers=1", "task:scaling.num_workers=1"]
+    try:
+        p = _ftdist(workdir, "pipeline", "cluster/jobs/pipeline-dapt.yaml", *[a for kv in small for a in ("--set", kv)],
+                    env=env)
+    finally:
+        _cleanup(env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "R[after stage][on set]:" in out and "in-domain (perplexity)" in out and "sentiment (accuracy)" in out
+    matrix = out[out.index("R[after stage][on set]:"):].splitlines()
+    assert [line.split()[0] for line in matrix[2:5]] == ["start", "dapt", "task"], matrix[:6]
+    summary = json.loads((workdir / "runs" / "pipelines" / "dapt" / "pipeline_summary.json").read_text())
+    assert summary["status"] == "completed" and [len(r) for r in summary["matrix"]] == [3, 3]
+    assert (workdir / "runs" / "pipelines" / "dapt" / "forgetting_matrix.png").exists()

@@ -1,0 +1,182 @@
+"""One entry of the forgetting matrix: the model after a stage (or the starting model) on one evaluation
+set, scored by the training loop's own evaluation (:func:`ftdist.evaluation.evaluate_batches`).
+
+Which weights score set ``j`` after stage ``i``: the encoder of stage ``i``'s export, with the head of
+set ``j``'s task taken from the latest stage at or before ``i`` that trained that head:
+
+- a classification set: the latest classification stage that trained on the same data set as the
+  stage that declared the set (so an earlier task stays measurable after a later task replaced the
+  head, or after a masked-LM stage); none yet: not measurable (``None``);
+- a masked-LM set: the latest masked-LM stage's head, else the starting model's (pre-trained, or
+  initialised with a fixed seed when the starting model ships none: the summary says which).
+
+The encoder is every weight under the model's ``base_model_prefix`` (``bert.``...); the pooler belongs
+to the head (a masked-LM export has none), so it is kept from the head's stage. Masked-LM sets are
+masked as the declaring stage's validation pass masks them (its seed, batch size, key), so ``R[s][s]``
+equals that stage's validation perplexity on one worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+
+from ftdist.uri import join_uri
+from ftdist.data.masking import EVAL_KEYS, Masker
+from ftdist.data.reader import ShardReader
+from ftdist.evaluation import evaluate_batches
+from ftdist.pipeline import layout
+from ftdist.pipeline.spec import EvalSet, Pipeline
+
+CLASSIFICATION = "sequence-classification"
+MASKED_LM = "masked-lm"
+OTHER_SPLIT_KEY = -3  # a masking key for the train split (training keys are epochs >= 0, validation -1, test -2)
+
+
+def model_uri(p: Pipeline, row: int) -> str:
+    """The model of a row: the starting model (row -1) or stage ``row``'s export."""
+    return p.start_model if row < 0 else layout.stage_export_uri(p.uri, p.stages[row].name)
+
+
+def head_row(p: Pipeline, row: int, s: EvalSet) -> int | None:
+    """The row whose model supplies set ``s``'s head for the model after ``row`` (-1: the starting
+    model), or None when no stage up to ``row`` trained it."""
+    if s.task == MASKED_LM:
+        return next((k for k in range(row, -1, -1) if p.stages[k].config.model.task == MASKED_LM), -1)
+    own = p.stages[s.stage].config.data.path
+    return next((k for k in range(row, -1, -1) if p.stages[k].config.model.task == CLASSIFICATION
+                 and p.stages[k].config.data.path == own), None)
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``save_pretrained`` folder (safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise RuntimeError(f"no .safetensors weights in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def swap_encoder(model: Any, encoder_folder: str) -> None:
+    """Replace ``model``'s encoder (its ``base_model``) by the one saved in ``encoder_folder``."""
+    prefix = model.base_model_prefix + "."
+    state = read_weights(encoder_folder)
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    result = model.base_model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("pooler.")]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise RuntimeError(f"the encoder of {encoder_folder} does not fit the head's model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+
+
+def load_for_set(p: Pipeline, row: int, s: EvalSet) -> tuple[Any, bool] | None:
+    """The model scoring ``s`` after ``row`` and whether its head was trained (False: initialised, the
+    starting model shipped none); None when no stage up to ``row`` trained the set's head."""
+    from transformers.utils import logging as hf_logging
+
+    from ftdist.modeling import resolve_model_path
+    from ftdist.tasks import auto_model_class
+
+    head = head_row(p, row, s)
+    if head is None:
+        return None
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the head/pooler swaps this module makes on purpose
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a head the starting model lacks is initialised the same way every time
+            model, info = auto_model_class(s.task).from_pretrained(
+                resolve_model_path(model_uri(p, head), p.storage), dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    prefix = model.base_model_prefix + "."
+    trained = not any(not k.startswith(prefix) and not k.startswith("pooler.") for k in info["missing_keys"])
+    if head != row:
+        swap_encoder(model, resolve_model_path(model_uri(p, row), p.storage))
+    return model.eval(), trained
+
+
+class _Out:
+    def __init__(self, loss: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        self.loss, self.logits = loss, logits
+
+
+def compact_forward(model: Any, task: str, chunk: int = 16) -> Any:
+    """A forward over a collated (and already masked) batch that wastes less compute on padding: rows
+    sorted by length in chunks of ``chunk``, each cut to its own longest row, and, for a masked LM,
+    the head applied only to the masked positions (~15% of tokens; its vocabulary projection costs as
+    much as a small encoder). Same loss (mean cross-entropy over the batch's masked tokens or rows) and
+    logits (batch order) as ``model(**batch)``, to float rounding: padding is masked out of attention.
+
+    Why: the batches (and so the masks) must be those of the stage's own validation pass, and on tweets
+    of 10-64 tokens a batch padded to its longest row is about half padding."""
+    import torch.nn.functional as F
+
+    base = model.base_model
+    heads = [m for m in model.children() if m is not base and any(True for _ in m.parameters())]
+    mlm_head = heads[0] if task == MASKED_LM and len(heads) == 1 else None
+
+    def forward(batch: dict[str, torch.Tensor]) -> _Out:
+        lengths = batch["attention_mask"].sum(1)
+        order = torch.argsort(lengths, stable=True)
+        labels = batch["labels"]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        logits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for part in order.split(chunk):
+            n = int(lengths[part].max())
+            sub = {k: v[part][:, :n] if v.dim() == 2 else v[part] for k, v in batch.items()}
+            if task == MASKED_LM:
+                picked = sub["labels"] != -100
+                if mlm_head is not None:
+                    hidden = base(**{k: v for k, v in sub.items() if k != "labels"})[0]
+                    out = mlm_head(hidden[picked]).float()
+                else:
+                    out = model(**{k: v for k, v in sub.items() if k != "labels"}).logits.float()[picked]
+                loss_sum += F.cross_entropy(out, sub["labels"][picked], reduction="sum").double()
+            else:
+                out = model(**{k: v for k, v in sub.items() if k != "labels"}).logits.float()
+                loss_sum += F.cross_entropy(out, sub["labels"], reduction="sum").double()
+                logits.append((part, out))
+        if task == MASKED_LM:
+            return _Out((loss_sum / max(int((labels != -100).sum()), 1)).float())
+        full = torch.empty(len(order), logits[0][1].shape[-1])
+        for part, out in logits:
+            full[part] = out
+        return _Out((loss_sum / len(order)).float(), full)
+
+    return forward
+
+
+def score(model: Any, tokenizer: Any, s: EvalSet, storage_cfg: Any) -> float:
+    """Set ``s``'s metric for ``model``: the loop's evaluation over the split, one process."""
+    device = next(model.parameters()).device
+    reader = ShardReader(join_uri(s.data, s.split), storage_cfg, 0, 1, s.batch_size, s.seed, shuffle=False,
+                         tokenizer=tokenizer, max_length=s.max_length)
+    masker = Masker(tokenizer, s.mlm_probability, s.seed, s.data) if s.task == MASKED_LM else None
+    forward = compact_forward(model, s.task)
+    metrics, _, _ = evaluate_batches(forward, reader.batches(0), tokenizer.pad_token_id, s.task,
+                                     model.config.num_labels if s.task == CLASSIFICATION else None, device,
+                                     masker=masker, mask_key=(EVAL_KEYS.get(s.split, OTHER_SPLIT_KEY), 0))
+    return float(metrics[s.metric])
+
+
+def evaluate_entry(p: Pipeline, row: int, s: EvalSet) -> dict[str, Any]:
+    """``{"value": R[row][s] or None, "head_trained": bool}`` for the model after ``row`` (-1: start)."""
+    from ftdist.modeling import load_tokenizer
+
+    loaded = load_for_set(p, row, s)
+    if loaded is None:
+        return {"value": None, "head_trained": False}
+    model, trained = loaded
+    tok = load_tokenizer(model_uri(p, row), cfg=p.storage)
+    return {"value": score(model, tok, s, p.storage), "head_trained": trained}

@@ -1,0 +1,269 @@
+"""Pipelines (ftdist/pipeline/): the file's references and checks, the forgetting summaries on
+hand-computed matrices, and (slow) a masked-LM stage then a classification stage end to end, with
+the matrix checked against direct evaluations of each export and a resume after a failure."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config, synthetic_rows, worker_pids, write_jsonl
+from ftdist.errors import UserError
+from ftdist.pipeline import layout
+from ftdist.pipeline.forgetting import Column, format_matrix, heatmap_png, summaries
+from ftdist.pipeline.spec import load_pipeline
+
+
+def _stage(name: str, model: str, data: str, task: str = "sequence-classification", **extra) -> dict:
+    cfg = base_config(model, data, "/ignored", model={"task": task}, train={"epochs": 1})
+    cfg.pop("storage")
+    cfg.pop("run")
+    return {"name": name, "config": cfg, **extra}
+
+
+def _pipeline(tmp_path: Path, stages: list[dict]) -> dict:
+    return {"name": "p", "storage": {"path": str(tmp_path / "runs")}, "stages": stages}
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: references, managed keys, checks
+
+
+def test_a_stage_reference_becomes_the_earlier_stage_export_and_the_pipeline_names_runs(tmp_path, tiny_bert):
+    raw = _pipeline(tmp_path, [_stage("dapt", tiny_bert, "/d/mlm", "masked-lm"),
+                               _stage("task", "${stage:dapt}", "/d/cls", set=["train.learning_rate=3e-5"])])
+    p = load_pipeline("p.yaml", ["task:train.epochs=3", "storage.path=" + str(tmp_path / "other")], data=raw)
+    uri = str(tmp_path / "other" / "p")
+    assert p.uri == uri
+    task = p.stage("task").config
+    assert task.model.path == layout.stage_export_uri(uri, "dapt") == f"{uri}/stages/dapt/model"
+    assert task.run.name == "task" and task.storage.path == f"{uri}/stages" and task.run_uri() == f"{uri}/stages/task"
+    assert task.train.learning_rate == 3e-5 and task.train.epochs == 3
+    assert p.stage("dapt").config.train.epochs == 1
+    # default evaluation sets: each stage's own validation split, scored by its task's metric
+    assert [(s.name, s.stage, s.metric, s.mode, s.split) for s in p.sets] == [
+        ("dapt", 0, "perplexity", "min", "validation"), ("task", 1, "accuracy", "max", "validation")]
+
+
+@pytest.mark.parametrize("ref, fragment", [
+    ("${stage:dap}", "names no stage; did you mean 'dapt'?"),
+    ("${stage:task}", "names itself"),
+    ("${stage:later}", "names stage 'later', which runs after it"),
+    ("${stage:dapt", "malformed stage reference"),
+])
+def test_bad_stage_references_are_one_line_before_anything_runs(tmp_path, tiny_bert, ref, fragment):
+    raw = _pipeline(tmp_path, [_stage("dapt", tiny_bert, "/d/mlm", "masked-lm"), _stage("task", ref, "/d/cls"),
+                               _stage("later", tiny_bert, "/d/cls")])
+    with pytest.raises(UserError, match="stage 'task'") as e:
+        load_pipeline("p.yaml", data=raw)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stage_checks(tmp_path, tiny_bert):
+    dup = _pipeline(tmp_path, [_stage("a", tiny_bert, "/d"), _stage("a", tiny_bert, "/d")])
+    with pytest.raises(UserError, match="stage name 'a' is used twice"):
+        load_pipeline("p.yaml", data=dup)
+    clm = _pipeline(tmp_path, [_stage("a", tiny_bert, "/d", "causal-lm")])
+    with pytest.raises(UserError, match="causal-lm is not supported in a pipeline"):
+        load_pipeline("p.yaml", data=clm)
+    both = _pipeline(tmp_path, [{**_stage("a", tiny_bert, "/d"), "path": "x.yaml"}])
+    with pytest.raises(UserError, match="exactly one of path"):
+        load_pipeline("p.yaml", data=both)
+    sets = _pipeline(tmp_path, [_stage("a", tiny_bert, "/d", eval=[{"name": "x"}]),
+                                _stage("b", tiny_bert, "/d", eval=[{"name": "x"}])])
+    with pytest.raises(UserError, match="evaluation set name 'x' is used twice"):
+        load_pipeline("p.yaml", data=sets)
+    with pytest.raises(UserError, match=r"has no stage 'tsk'; did you mean 'task'\? \(stages: task\)"):
+        load_pipeline("p.yaml", ["tsk:train.epochs=2"], data=_pipeline(tmp_path, [_stage("task", tiny_bert, "/d")]))
+    bad_key = _pipeline(tmp_path, [_stage("a", tiny_bert, "/d", set=["train.epocs=2"])])
+    with pytest.raises(UserError, match="did you mean 'train.epochs'"):
+        load_pipeline("p.yaml", data=bad_key)
+
+
+def test_a_stage_config_file_is_read_from_its_path(tmp_path, tiny_bert):
+    cfg = _stage("x", tiny_bert, str(tmp_path / "ds"))["config"]
+    (tmp_path / "stage.yaml").write_text(yaml.safe_dump(cfg))
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [{"name": "a", "path": str(tmp_path / "stage.yaml")}]))
+    assert p.stage("a").config.data.path == str(tmp_path / "ds")
+
+
+def test_print_config_shows_a_stage_with_its_reference_resolved(tmp_path, tiny_bert, capsys):
+    from ftdist.cli import main
+
+    f = tmp_path / "pipe.yaml"
+    f.write_text(yaml.safe_dump(_pipeline(tmp_path, [_stage("dapt", tiny_bert, "/d/mlm", "masked-lm"),
+                                                    _stage("task", "${stage:dapt}", "/d/cls")])))
+    assert main(["pipeline", str(f), "--print-config", "task"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["path"] == str(tmp_path / "runs" / "p" / "stages" / "dapt" / "model")
+    assert printed["run"]["name"] == "task"
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries on hand-computed matrices
+
+
+def test_summaries_follow_the_gem_definitions():
+    # 3 stages, one accuracy set each; values chosen so every term is distinct.
+    cols = [Column("a", 0, "accuracy", "max"), Column("b", 1, "accuracy", "max"), Column("c", 2, "accuracy", "max")]
+    R = [[0.80, 0.30, 0.20],
+         [0.70, 0.90, 0.40],
+         [0.60, 0.85, 0.95]]
+    b = [0.10, 0.25, 0.35]
+    s = summaries(R, b, cols)["accuracy"]
+    assert s["acc"] == pytest.approx((0.60 + 0.85 + 0.95) / 3)
+    assert s["bwt"] == pytest.approx(((0.60 - 0.80) + (0.85 - 0.90)) / 2)  # j < T only
+    assert s["fwt"] == pytest.approx(((0.30 - 0.25) + (0.40 - 0.35)) / 2)  # R[j-1][j] - b_j, j > 1
+    assert s["terms"] == {"acc": 3, "bwt": 2, "fwt": 2} and s["direction"] == "higher is better"
+
+
+def test_summaries_group_metrics_and_skip_unmeasurable_entries():
+    # stage 0 declares two perplexity sets, stage 1 one accuracy set (no head before it: None)
+    cols = [Column("in", 0, "perplexity", "min"), Column("gen", 0, "perplexity", "min"),
+            Column("task", 1, "accuracy", "max")]
+    R = [[20.0, 50.0, None],
+         [24.0, 45.0, 0.7]]
+    b = [100.0, 40.0, None]
+    out = summaries(R, b, cols)
+    ppl, acc = out["perplexity"], out["accuracy"]
+    assert ppl["acc"] == pytest.approx(34.5) and ppl["bwt"] == pytest.approx(((24 - 20) + (45 - 50)) / 2)
+    assert ppl["fwt"] is None and ppl["terms"]["fwt"] == 0  # both sets belong to the first stage
+    assert ppl["mode"] == "min" and ppl["direction"] == "lower is better"
+    assert acc["acc"] == pytest.approx(0.7) and acc["bwt"] is None and acc["fwt"] is None
+    lines = format_matrix(R, b, ["s0", "s1"], cols)
+    assert len(lines) == 4 and lines[1].split()[0] == "start" and lines[1].split()[-1] == "-"
+
+
+def test_heatmap_is_a_png_with_one_cell_row_per_model():
+    cols = [Column("in", 0, "perplexity", "min"), Column("task", 1, "accuracy", "max")]
+    png = heatmap_png([[20.0, None], [24.0, 0.7]], [100.0, None], ["s0", "s1"], cols)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", png[16:24])
+    assert (w, h) == (2 * 100 + 2 * 160, int(1.2 * 100 + 3 * 60))  # (2 + 1.6 * sets) x (1.2 + 0.6 * rows) in
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: masked-LM stage, then the task from its export; a failure in stage 2, then a rerun
+
+
+def _files(root: Path) -> dict[str, tuple[float, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def _direct_accuracy(export: Path, split: Path) -> float:
+    """Accuracy of an export on a prepared split, with plain transformers, one row at a time."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    right = n = 0
+    for f in sorted(split.glob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
+            right += int(logits.argmax(-1).item() == row["label"])
+            n += 1
+    return right / n
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_local, s3_server, s3_bucket,
+                                                       monkeypatch):
+    import psutil
+
+    from ftdist.errors import RunFailed
+    from ftdist.pipeline.runner import run_pipeline
+
+    rows = synthetic_rows(300, seed=3)
+    mlm = write_jsonl(tmp_path / "mlm.jsonl", [{"text": r["text"]} for r in rows[:150]])
+    gen = write_jsonl(tmp_path / "general.jsonl", [{"text": f"{r['text']} of the year"} for r in rows[150:210]])
+    cls = write_jsonl(tmp_path / "cls.jsonl", synthetic_rows(150, seed=4))
+    small = {"deepspeed": {"zero_stage": 0}, "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
+    dapt = _stage("dapt", tiny_bert, str(tmp_path / "ds-mlm"), "masked-lm",
+                  eval=[{"name": "in-domain"},
+                        {"name": "general", "data": str(tmp_path / "ds-gen"),
+                         "prepare": {"input": str(gen), "label_field": None, "rows_per_shard": 50}}])
+    dapt["config"]["data"]["prepare"] = {"input": str(mlm), "label_field": None, "rows_per_shard": 50}
+    task = _stage("task", "${stage:dapt}", str(tmp_path / "ds-cls"))
+    task["config"]["data"]["prepare"] = {"input": str(cls), "rows_per_shard": 50}
+    for st in (dapt, task):
+        st["config"].update(small)
+    task["config"]["train"]["epochs"] = 2
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [dapt, task]))
+    root = tmp_path / "runs" / "p"
+
+    # 1) stage 2 fails after its first epoch's checkpoint (a worker is killed): the pipeline stops there
+    failed: dict = {}
+    t = threading.Thread(target=lambda: failed.setdefault("error", _raises(run_pipeline, p)))
+    t.start()
+    snap = root / "stages" / "task" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and t.is_alive():
+        if snap.exists() and "epoch001" in snap.read_text() and worker_pids():
+            psutil.Process(worker_pids()[0]).kill()
+            break
+        time.sleep(0.05)
+    t.join(timeout=300)
+    assert isinstance(failed.get("error"), RunFailed), failed
+    partial = json.loads((root / layout.SUMMARY).read_text())
+    assert partial["status"] == "running" and partial["rows"] == ["dapt"]
+    stage1 = _files(root / "stages" / "dapt")
+    assert any(k.startswith("model/") for k in stage1)
+
+    # 2) rerun: stage 1 is kept as it is, stage 2 resumes from its checkpoint and finishes
+    summary = run_pipeline(p)
+    assert _files(root / "stages" / "dapt") == stage1, "a finished stage was touched by the rerun"
+    assert [r["skipped"] for r in summary["stages"]] == [True, False] and summary["stages"][1]["resumed"] is True
+    assert summary["status"] == "completed" and summary == json.loads((root / layout.SUMMARY).read_text())
+
+    # the matrix: 2 stages x 3 sets, R[i][i] = the stage's own validation figure (same evaluation code,
+    # same masking) and the task's column = a direct, independent evaluation of its export
+    R, start = summary["matrix"], summary["start"]
+    assert [s["name"] for s in summary["sets"]] == ["in-domain", "general", "task"]
+    assert len(R) == 2 and all(len(r) == 3 for r in R)
+    d = json.loads((root / "stages" / "dapt" / "summary.json").read_text())
+    tk = json.loads((root / "stages" / "task" / "summary.json").read_text())
+    assert R[0][0] == pytest.approx(d["epochs"][-1]["val_perplexity"], rel=1e-6)
+    best = next(e for e in tk["epochs"] if e["epoch"] == tk["best_epoch"])
+    assert R[1][2] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert R[1][2] == pytest.approx(_direct_accuracy(root / "stages" / "task" / "model",
+                                                     tmp_path / "ds-cls" / "validation"), abs=1e-9)
+    assert R[0][2] is None and start[2] is None  # no head for the task before its stage
+    assert all(v is not None and math.isfinite(v) for v in (R[0][0], R[0][1], R[1][0], R[1][1], start[0], start[1]))
+    assert R[1][0] != R[0][0]  # the task's encoder under the masked-LM stage's head: another model
+    assert R[0][0] < start[0]  # masked-LM training lowered in-domain perplexity
+    ppl = summary["summaries"]["perplexity"]
+    assert ppl["bwt"] == pytest.approx(((R[1][0] - R[0][0]) + (R[1][1] - R[0][1])) / 2)
+    assert ppl["acc"] == pytest.approx((R[1][0] + R[1][1]) / 2) and summary["summaries"]["accuracy"]["fwt"] is None
+    png = (root / layout.MATRIX_PNG).read_bytes()
+    assert png[:4] == b"\x89PNG" and summary["heatmap"] == str(root / layout.MATRIX_PNG)
+    assert summary["overhead"]["ratio"] is not None and summary["overhead"]["between_stages_s"] >= 0
+
+    # the same pipeline folder in S3 (moto's server): an entry measured from the exports there is the same
+    from ftdist.pipeline.evaluate import evaluate_entry
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    fs = s3_server.fs()
+    for f in (f for f in root.rglob("*") if f.is_file()):
+        fs.put_file(str(f), f"{s3_bucket[5:]}/pipes/p/{f.relative_to(root)}")
+    remote = load_pipeline("p.yaml", [f"storage.path={s3_bucket}/pipes"], data=_pipeline(tmp_path, [dapt, task]))
+    assert remote.stage("task").config.model.path == f"{s3_bucket}/pipes/p/stages/dapt/model"
+    assert evaluate_entry(remote, 1, remote.sets[0])["value"] == pytest.approx(R[1][0], rel=1e-9)
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+        return e
+    return None
