@@ -117,3 +117,24 @@ def test_a_tasks_loss_weight_can_be_set_and_swept_by_its_dotted_index(tiny_bert,
         load_config(data=raw, overrides=["tasks.2.loss_weight=0.5"])
     with pytest.raises(UserError, match="unknown key 'tasks.0.loss_weigth'"):
         load_config(data=raw, overrides=["tasks.0.loss_weigth=0.5"])
+
+
+def test_a_sweep_samples_the_temperature_and_loss_weights_into_each_trials_config(tmp_path):
+    """The sweep spec names multitask.temperature and tasks.<i>.loss_weight; every trial's run config
+    carries its sampled values; a value the run schema refuses is refused before any trial, naming the key."""
+    from ftdist.errors import UserError
+    from ftdist.sweep.space import param_space
+    from ftdist.sweep.spec import load_sweep_spec, resolve_sweep, trial_config
+
+    base = mt_config("m", [{"name": "a", "data": {"path": "da"}}, {"name": "b", "data": {"path": "db"}}], tmp_path,
+                     multitask={"sampling": "temperature"})
+    space = {"multitask.temperature": {"uniform": [1.0, 5.0]}, "tasks.1.loss_weight": {"choice": [0.25, 2.0]}}
+    rs = resolve_sweep(load_sweep_spec(data={"name": "s", "base": {"config": base}, "space": space,
+                                             "storage_path": str(tmp_path)}))
+    assert set(param_space(rs.spec)) == set(space)
+    cfg = trial_config(rs, {"multitask.temperature": 3.5, "tasks.1.loss_weight": 0.25}, "trial_1")
+    assert cfg.multitask.temperature == 3.5 and [t.loss_weight for t in cfg.tasks] == [1.0, 0.25]
+    assert [t.name for t in cfg.tasks] == ["a", "b"] and cfg.eval_metric == "accuracy"
+    bad = {**space, "multitask.temperature": {"uniform": [0.5, 5.0]}}  # T < 1 is not a temperature the run takes
+    with pytest.raises(UserError, match="space 'multitask.temperature' value 0.5"):
+        resolve_sweep(load_sweep_spec(data={"name": "s", "base": {"config": base}, "space": bad}))
