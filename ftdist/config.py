@@ -290,9 +290,9 @@ class RunConfig(Section):
         if self.model.label_names or self.model.num_labels:
             raise ValueError("model.label_names/num_labels do not apply to a multi-task run; "
                              "set tasks[].label_names per task")
-        if self.model.lora is not None:
-            raise ValueError("model.lora with tasks: is not built yet (adapters on the shared encoder); "
-                             "remove model.lora for a multi-task run, or train one task with LoRA")
+        if self.model.lora is not None and self.model.lora.export == "adapter":
+            raise ValueError("model.lora.export: adapter is not built for a multi-task run (its tasks export "
+                             "merged models); use export: merged, or remove it")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name == "multitask":
