@@ -108,6 +108,8 @@ class PrepareSection(Section):
     tokenize: bool = Field(True, description="false: shards hold raw text; workers tokenize on the fly "
                                              "with the model's tokenizer and data.max_length")
     keep_text: bool = Field(False, description="also store the raw text next to the token ids")
+    pack: bool = Field(False, description="causal-lm/masked-lm: concatenate the tokenized documents (each ending "
+                                          "with its separator/EOS) and cut them into max_length blocks, no padding")
 
 
 class DataSection(Section):

@@ -149,6 +149,7 @@ CASES = {
                                "label 1.5 is not a whole number"),
     "prepare-no-tokenizer": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / "t")],
                              "pass --model (or --raw-text"),
+    "prepare-pack-classification": (lambda w: prep(w, "--pack"), "--pack (data.prepare.pack) packs unlabelled text"),
     "prepare-output-exists": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", w["ds"], "--model", w["bert"]],
                               "already holds a data set"),
     # --- storage
