@@ -147,11 +147,23 @@ class TrainSection(Section):
         None, description="weighted cross-entropy: 'balanced' (from the train split's label counts) or one "
                           "weight per class")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked-lm: share of tokens masked per batch")
+    freeze: list[str] = Field(default_factory=list, description="parts not trained: embeddings, layers:N, layers:A-B "
+                                                                "(blocks from 0, both ends included)")
+    l2sp: float | None = Field(None, gt=0, description="L2-SP: before each optimizer step the trained non-head weights "
+                                                       "move lr*l2sp of the way back to w0, the weights of model.path")
 
     @model_validator(mode="after")
     def _weights(self) -> "TrainSection":
         if isinstance(self.class_weights, list) and not all(w > 0 for w in self.class_weights):
             raise ValueError("train.class_weights must be positive numbers, one per class (or 'balanced')")
+        return self
+
+    @model_validator(mode="after")
+    def _freeze(self) -> "TrainSection":
+        from ftdist.freezing import parse_freeze
+
+        for name in self.freeze:
+            parse_freeze(name)
         return self
 
 
@@ -302,6 +314,23 @@ class RunConfig(Section):
             if t.name in seen:
                 raise ValueError(f"tasks: two tasks are named '{t.name}'; give each task its own name")
             seen.add(t.name)
+        return self
+
+    @model_validator(mode="after")
+    def _mitigations(self) -> "RunConfig":
+        # train.freeze / train.l2sp act on the weights a full fine-tuning run trains (README: Continual learning).
+        if self.model.lora is not None and (self.train.freeze or self.train.l2sp):
+            raise ValueError("train.freeze / train.l2sp with model.lora: LoRA already keeps every base weight frozen; "
+                             "remove train.freeze/train.l2sp (or model.lora)")
+        if self.tasks is not None and (self.train.freeze or self.train.l2sp):
+            raise ValueError("train.freeze / train.l2sp with tasks: is not built yet; remove them for a multi-task run")
+        if self.train.l2sp and self.train.l2sp * self.train.learning_rate >= 1:
+            raise ValueError(f"train.l2sp {self.train.l2sp} x train.learning_rate {self.train.learning_rate} must be "
+                             f"below 1 (each step moves that share of the way back to the starting weights); "
+                             f"lower train.l2sp")
+        if self.train.l2sp and self.train.precision == "fp16":
+            raise ValueError("train.l2sp with train.precision fp16: a step fp16's loss scale skips would still be "
+                             "pulled; use bf16 or fp32")
         return self
 
     @model_validator(mode="after")

@@ -39,6 +39,8 @@ from ftdist.data.reader import ShardReader
 from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
                            memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.freezing import apply_freeze
+from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
@@ -69,6 +71,7 @@ class Setup:
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
     masker: Masker | None = None  # model.task masked-lm: masks each collated batch
+    l2sp: L2SP | None = None  # train.l2sp: the pull toward the run's starting weights
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
     model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage,
                        zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
+    if cfg.train.freeze:  # before DeepSpeed builds the optimizer: frozen weights get no gradient or Adam state
+        apply_freeze(model, cfg.train.freeze)
     n_params, n_trainable = parameter_counts(model)
     seed_everything(cfg.run.seed + session.rank)
     train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
@@ -164,6 +169,8 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     if not partitioned:
         model.to(device)  # zero.Init already placed the partitions
     engine, _ = build_engine(cfg, model, total, precision)
+    # w0 now: the weights of model.path, before _train restores any checkpoint (a resumed run keeps the stage's start).
+    l2sp = L2SP(engine, cfg.train.l2sp, cfg.deepspeed.zero_stage) if cfg.train.l2sp else None
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
@@ -171,7 +178,7 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
                  train_reader, steps, total,
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                 n_trainable=n_trainable,
+                 n_trainable=n_trainable, l2sp=l2sp,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
                  if cfg.model.task == "masked-lm" else None)
 
@@ -234,6 +241,8 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     if measure_grad_norm and s.cfg.deepspeed.zero_stage == 0 and (window is None or window.last):
         s.grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in s.engine.module.parameters() if p.grad is not None])
+    if s.l2sp is not None and (window is None or window.last):
+        s.l2sp.pull()  # toward the run's starting weights, once per optimizer step, just before it
     s.engine.step()
     return loss.detach()
 

@@ -58,7 +58,10 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
 
     from ftdist.lora import check_lora_config
 
+    from ftdist.freezing import check_freeze
+
     check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage))
+    check_freeze(cfg.model, cfg.train.freeze, resolve_model_path(cfg.model.path, cfg.storage))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
                          cfg.storage)
     fp = tokenizer_fingerprint(tok)
