@@ -112,9 +112,17 @@ class PrepareSection(Section):
                                           "with its separator/EOS) and cut them into max_length blocks, no padding")
 
 
+class ReplaySection(Section):
+    """Earlier data sets whose training batches are mixed into this run's epochs (ftdist/data/replay.py)."""
+
+    paths: list[str] = Field(..., min_length=1, description="prepared data sets (their train/ splits are replayed)")
+    fraction: float = Field(0.2, gt=0, lt=1, description="share of each epoch's batches that are replayed")
+
+
 class DataSection(Section):
     path: str = Field(..., description="prepared data set prefix holding train/ validation/ test/")
     prepare: PrepareSection | None = None
+    replay: ReplaySection | None = Field(None, description="mix earlier data sets' training batches into each epoch")
     max_length: int = Field(128, ge=8)
     shuffle_buffer: int = Field(4096, ge=1)
     prefetch_shards: int = Field(2, ge=0)
@@ -322,8 +330,9 @@ class RunConfig(Section):
         if self.model.lora is not None and (self.train.freeze or self.train.l2sp):
             raise ValueError("train.freeze / train.l2sp with model.lora: LoRA already keeps every base weight frozen; "
                              "remove train.freeze/train.l2sp (or model.lora)")
-        if self.tasks is not None and (self.train.freeze or self.train.l2sp):
-            raise ValueError("train.freeze / train.l2sp with tasks: is not built yet; remove them for a multi-task run")
+        if self.tasks is not None and (self.train.freeze or self.train.l2sp or self.data.replay):
+            raise ValueError("train.freeze / train.l2sp / data.replay with tasks: is not built yet; remove them for a "
+                             "multi-task run")
         if self.train.l2sp and self.train.l2sp * self.train.learning_rate >= 1:
             raise ValueError(f"train.l2sp {self.train.l2sp} x train.learning_rate {self.train.learning_rate} must be "
                              f"below 1 (each step moves that share of the way back to the starting weights); "
@@ -470,6 +479,8 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.data.path = fix(cfg.data.path)  # type: ignore[assignment]
     if cfg.data.prepare is not None:
         cfg.data.prepare.input = fix(cfg.data.prepare.input)  # type: ignore[assignment]
+    if cfg.data.replay is not None:
+        cfg.data.replay.paths = [fix(p) or p for p in cfg.data.replay.paths]
     cfg.storage.path = fix(cfg.storage.path)  # type: ignore[assignment]
     for t in cfg.tasks or []:
         t.data.path = fix(t.data.path)  # type: ignore[assignment]

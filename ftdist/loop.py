@@ -36,6 +36,7 @@ from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens
 from ftdist.data.reader import ShardReader
+from ftdist.data.replay import ReplayMix, replay_manifests
 from ftdist.inference import class_scores
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
                            memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
@@ -64,7 +65,7 @@ class Setup:
     label_names: list[str] | None
     n_params: int
     engine: Any
-    train_reader: ShardReader
+    train_reader: ShardReader | ReplayMix
     steps_per_epoch: int
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
@@ -161,7 +162,13 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
         apply_freeze(model, cfg.train.freeze)
     n_params, n_trainable = parameter_counts(model)
     seed_everything(cfg.run.seed + session.rank)
-    train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
+    train_reader: ShardReader | ReplayMix = _reader(cfg, session, "train", manifests["train"], shuffle=True,
+                                                    tokenizer=tok)
+    if cfg.data.replay is not None:
+        replays = replay_manifests(cfg.data.replay, manifests["train"], cfg.model.task, num_labels, fp, cfg.storage)
+        train_reader = ReplayMix(train_reader, [_reader(cfg, session, "train", m, shuffle=True, tokenizer=tok,
+                                                        data_path=p) for p, m in zip(cfg.data.replay.paths, replays)],
+                                 cfg.data.replay.fraction, cfg.run.seed)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -184,10 +191,11 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
-            tokenizer: Any) -> ShardReader:
-    """This rank's reader for ``split``; the tokenizer is used only by raw-text data sets."""
+            tokenizer: Any, data_path: str | None = None) -> ShardReader:
+    """This rank's reader for ``split`` (of ``data_path``, default ``data.path``); the tokenizer is used
+    only by raw-text data sets."""
     d = cfg.data
-    return ShardReader(split_uri(cfg, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
+    return ShardReader(join_uri(data_path or d.path, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
                        cfg.run.seed, shuffle=shuffle, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch_shards,
                        length_bucketing=d.length_bucketing and shuffle, manifest=manifest,
                        tokenizer=tokenizer, max_length=d.max_length)
@@ -345,6 +353,10 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     S, gas = s.steps_per_epoch, cfg.train.gradient_accumulation_steps
     _log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
+    if isinstance(s.train_reader, ReplayMix) and cfg.data.replay is not None:
+        mix, rp = s.train_reader, cfg.data.replay
+        _log(s, f"replay: {sum(mix.counts)} of the {mix.num_batches()} batches/epoch from {', '.join(rp.paths)} "
+                f"({', '.join(map(str, mix.counts))}; data.replay.fraction {rp.fraction})")
     progress = Progress(cfg.train.epochs, S, live=None if session.rank == 0 else False)
     log_every = cfg.train.log_every_steps
     tracked = cfg.tracking.tensorboard or cfg.tracking.mlflow is not None  # the gradient norm is for trackers
