@@ -23,9 +23,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ftdist.config import ReplaySection, StorageSection, join_uri
+from ftdist.config import ReplaySection, StorageSection
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest
 from ftdist.data.reader import epoch_rng
+from ftdist.uri import join_uri
 from ftdist.errors import UserError
 
 REPLAY_ID_SHIFT = 40
