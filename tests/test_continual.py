@@ -141,3 +141,48 @@ class CrashAfterMidEpochCheckpoint(LocalSession):
         super().report(metrics, checkpoint_dir, name)
         if metrics.get("mid_epoch"):
             raise RuntimeError("worker killed after a mid-epoch checkpoint")
+
+
+@pytest.fixture(scope="module")
+def two_label_data(tmp_path_factory, tiny_bert) -> str:
+    """Task B of a sequence: another label set (positive vs other) on other texts."""
+    from conftest import prepare_local, synthetic_rows, write_jsonl
+
+    d = tmp_path_factory.mktemp("task-b")
+    rows = [{**r, "label": "positive" if r["label"] == "positive" else "other"} for r in synthetic_rows(300, seed=4)]
+    return prepare_local(write_jsonl(d / "raw.jsonl", rows), d / "ds", tiny_bert, label_names=["other", "positive"])
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_task_continues_from_the_first_ones_export_and_a_lora_stage_leaves_it_untouched(
+        tiny_bert, cls_data, two_label_data, tmp_path, process_group):
+    """Task B (2 labels) from task A's export (3 labels): the head of another size starts new, the
+    encoder is A's. With model.lora and adapter export, A's export is B's frozen base: A's weights,
+    head and files are untouched, and B's adapter loads on top of A's export."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    _, a = _run(tiny_bert, cls_data, tmp_path, "a", 0)
+    a_dir = tmp_path / "runs" / "a" / "model"
+    before = _tree_bytes(a_dir)
+    result, b = _run(str(a_dir), two_label_data, tmp_path, "b", 0, max_steps_per_epoch=1, learning_rate=1e-9)
+    assert b["classifier.weight"].shape[0] == 2 and result["label_names"] == ["other", "positive"]
+    # One step at lr 1e-9 leaves the encoder where it started: A's, not the pre-trained model's.
+    assert all(torch.allclose(b[k], a[k], atol=1e-6) for k in a if k.startswith("bert."))
+    from ftdist.loop import train_worker
+
+    cfg = load_config(data=base_config(str(a_dir), two_label_data, str(tmp_path / "runs"), run={"name": "b-lora"},
+                                       model={"lora": {"r": 4, "export": "adapter"}},
+                                       train={"epochs": 1, "max_steps_per_epoch": 4, "learning_rate": 2e-2},
+                                       scaling={"num_workers": 1}, tracking={"tensorboard": False, "plots": False}))
+    train_worker(cfg, LocalSession(str(tmp_path / "ck-b-lora")))
+    assert _tree_bytes(a_dir) == before
+    base = AutoModelForSequenceClassification.from_pretrained(a_dir, num_labels=2, ignore_mismatched_sizes=True)
+    stage_b = PeftModel.from_pretrained(base, tmp_path / "runs" / "b-lora" / "model").eval()
+    assert stage_b(input_ids=torch.tensor([[101, 2204, 102]])).logits.shape == (1, 2)
+    a_again = AutoModelForSequenceClassification.from_pretrained(a_dir).state_dict()
+    assert all(torch.equal(a_again[k], a[k]) for k in a)  # task A: its own encoder and head, as trained
