@@ -17,8 +17,8 @@ each ZeRO stage keeps the fp32 weights the optimizer updates, so each rank keeps
 what it updates:
 
 - ZeRO-0: the parameters themselves (one fp32 copy of the penalised weights);
-- ZeRO-1/2: this rank's fragment of the fp32 master partition (``param._hp_mapping``, DeepSpeed's
-  link between a model parameter and its optimizer partition);
+- ZeRO-1/2 (and DeepSpeed's own bf16 optimizer at ZeRO-0): this rank's fragment of the fp32 master
+  partition (``param._hp_mapping``, DeepSpeed's link between a model parameter and its optimizer partition);
 - ZeRO-3: this rank's fp32 partition, through DeepSpeed's documented local API
   (``safe_get_local_fp32_param``/``safe_set_local_fp32_param``).
 
@@ -41,14 +41,13 @@ def anchored_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Para
 
 def _master(p: torch.nn.Parameter, zero_stage: int) -> torch.Tensor | None:
     """The fp32 weights of ``p`` this rank's optimizer updates (None: another rank holds them all)."""
-    if zero_stage == 0:
-        return p.data
     if zero_stage == 3:
         from deepspeed.utils import safe_get_local_fp32_param
 
         return safe_get_local_fp32_param(p)
-    mapping = getattr(p, "_hp_mapping", None)
-    return mapping.get_hp_fragment() if mapping is not None else None
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2, and DeepSpeed's bf16 optimizer at ZeRO-0: an fp32 master fragment
+        return p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None else None
+    return p.data  # ZeRO-0 (fp32 weights, autocast): the optimizer updates the parameters themselves
 
 
 class L2SP:
