@@ -36,8 +36,11 @@ from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker
 from ftdist.data.reader import ShardReader
+from ftdist.data.replay import ReplayMix, replay_manifests
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
                            memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.freezing import apply_freeze
+from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.evaluation import all_reduce_sum, evaluate_batches
@@ -62,13 +65,14 @@ class Setup:
     label_names: list[str] | None
     n_params: int
     engine: Any
-    train_reader: ShardReader
+    train_reader: ShardReader | ReplayMix
     steps_per_epoch: int
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
     masker: Masker | None = None  # model.task masked-lm: masks each collated batch
+    l2sp: L2SP | None = None  # train.l2sp: the pull toward the run's starting weights
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class DataSetup:
     manifests: dict[str, Manifest]
     num_labels: int | None
     label_names: list[str] | None
-    train_reader: ShardReader
+    train_reader: ShardReader | ReplayMix
     steps_per_epoch: int
 
 
@@ -159,6 +163,7 @@ class ModelSetup:
     engine: Any
     n_params: int
     n_trainable: int
+    l2sp: L2SP | None = None  # train.l2sp: the pull toward the weights the run started from
 
 
 def setup_data(cfg: RunConfig, session: Session, tokenizer: Any) -> DataSetup:
@@ -169,7 +174,13 @@ def setup_data(cfg: RunConfig, session: Session, tokenizer: Any) -> DataSetup:
     fp = tokenizer_fingerprint(tokenizer)
     for s, m in manifests.items():
         check_compatible(m, split_uri(cfg, s), cfg.model.task, num_labels, fp)
-    train_reader = split_reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tokenizer)
+    train_reader: ShardReader | ReplayMix = split_reader(cfg, session, "train", manifests["train"], shuffle=True,
+                                                         tokenizer=tokenizer)
+    if cfg.data.replay is not None:
+        replays = replay_manifests(cfg.data.replay, manifests["train"], cfg.model.task, num_labels, fp, cfg.storage)
+        train_reader = ReplayMix(train_reader, [split_reader(cfg, session, "train", m, shuffle=True, tokenizer=tokenizer,
+                                                             data_path=p) for p, m in zip(cfg.data.replay.paths, replays)],
+                                 cfg.data.replay.fraction, cfg.run.seed)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -187,14 +198,18 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: Precision, pad_
     partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
     model = load_model(cfg.model, num_labels, label_names, pad_token_id, cfg.storage,
                        zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
+    if cfg.train.freeze:  # before DeepSpeed builds the optimizer: frozen weights get no gradient or Adam state
+        apply_freeze(model, cfg.train.freeze)
     n_params, n_trainable = parameter_counts(model)
     if not partitioned:
         model.to(device)  # zero.Init already placed the partitions
     engine, _ = build_engine(cfg, model, optimizer_steps, precision)
+    # w0 now: the weights of model.path, before _train restores any checkpoint (a resumed run keeps the stage's start).
+    l2sp = L2SP(engine, cfg.train.l2sp, cfg.deepspeed.zero_stage) if cfg.train.l2sp else None
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
-    return ModelSetup(engine, n_params, n_trainable)
+    return ModelSetup(engine, n_params, n_trainable, l2sp)
 
 
 def setup(cfg: RunConfig, session: Session) -> Setup:
@@ -208,16 +223,17 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     return Setup(cfg, session, device, precision, tok, data.manifests, data.num_labels, data.label_names,
                  model.n_params, model.engine, data.train_reader, data.steps_per_epoch, total,
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                 n_trainable=model.n_trainable,
+                 n_trainable=model.n_trainable, l2sp=model.l2sp,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
                  if cfg.model.task == "masked-lm" else None)
 
 
 def split_reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
-                 tokenizer: Any) -> ShardReader:
-    """This rank's reader for ``split``; the tokenizer is used only by raw-text data sets."""
+                 tokenizer: Any, data_path: str | None = None) -> ShardReader:
+    """This rank's reader for ``split`` (of ``data_path``, default ``data.path``); the tokenizer is used
+    only by raw-text data sets."""
     d = cfg.data
-    return ShardReader(split_uri(cfg, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
+    return ShardReader(join_uri(data_path or d.path, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
                        cfg.run.seed, shuffle=shuffle, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch_shards,
                        length_bucketing=d.length_bucketing and shuffle, manifest=manifest,
                        tokenizer=tokenizer, max_length=d.max_length)
@@ -271,6 +287,8 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     if measure_grad_norm and s.cfg.deepspeed.zero_stage == 0 and (window is None or window.last):
         s.grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in s.engine.module.parameters() if p.grad is not None])
+    if s.l2sp is not None and (window is None or window.last):
+        s.l2sp.pull()  # toward the run's starting weights, once per optimizer step, just before it
     s.engine.step()
     return loss.detach()
 
@@ -342,6 +360,10 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     S, gas = s.steps_per_epoch, cfg.train.gradient_accumulation_steps
     _log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
+    if isinstance(s.train_reader, ReplayMix) and cfg.data.replay is not None:
+        mix, rp = s.train_reader, cfg.data.replay
+        _log(s, f"replay: {sum(mix.counts)} of the {mix.num_batches()} batches/epoch from {', '.join(rp.paths)} "
+                f"({', '.join(map(str, mix.counts))}; data.replay.fraction {rp.fraction})")
     progress = Progress(cfg.train.epochs, S, live=None if session.rank == 0 else False)
     log_every = cfg.train.log_every_steps
     tracked = cfg.tracking.tensorboard or cfg.tracking.mlflow is not None  # the gradient norm is for trackers
