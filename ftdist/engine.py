@@ -114,16 +114,47 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Any:
-    """Linear warmup to the peak, then linear/cosine decay to zero (or constant)."""
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, remap: list[float] | None = None) -> Any:
+    """Linear warmup to the peak, then linear/cosine decay to zero (or constant).
+
+    ``remap`` (a run resumed on another number of workers, see ``rescheduled``): optimizer steps
+    are mapped onto the schedule planned for ``total_steps`` before it is evaluated."""
     def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
+        v = schedule_position(remap, total_steps, step)
+        if warmup_steps and v < warmup_steps:
+            return (v + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (v - warmup_steps) / max(1, total_steps - warmup_steps))
         return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+def schedule_position(remap: list[float] | None, total_steps: int, step: int) -> float:
+    """Where optimizer step ``step`` is on the schedule planned for ``total_steps`` steps."""
+    if not remap:
+        return step
+    at, position, end = remap
+    return position + (step - at) * (total_steps - position) / max(1.0, end - at)
+
+
+def rescheduled(remap: list[float] | None, total_steps: int, done: int, remaining: int) -> list[float]:
+    """The schedule of a run resumed on another number of workers after ``done`` optimizer steps,
+    with ``remaining`` steps left under the new plan (the data-parallel size changes the steps per
+    epoch): the LR continues from where it was at ``done`` (no jump) and the rest of the schedule
+    (warmup left, decay) is stretched or squeezed to end exactly at the new last step.
+    Returns ``[done, position on the schedule at done, step at which it ends]``."""
+    return [float(done), schedule_position(remap, total_steps, done), float(done + max(1, remaining))]
+
+
+def follow_schedule(engine: Any, total_steps: int, cfg: RunConfig, remap: list[float] | None) -> None:
+    """Make the engine's LR schedule ``lr_lambda(total_steps, ..., remap)`` (a resumed run's plan,
+    which the checkpoint records); ``reapply_hyperparameters`` then sets the current LR from it."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        return
+    fn = lr_lambda(total_steps, int(cfg.train.warmup_ratio * total_steps), cfg.train.lr_schedule, remap)
+    scheduler.lr_lambdas = [fn] * len(scheduler.lr_lambdas)
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: int, precision: Precision) -> Any:

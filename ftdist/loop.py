@@ -34,10 +34,11 @@ from ftdist.config import RunConfig, join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker, masked_tokens
-from ftdist.data.reader import ShardReader
+from ftdist.data.reader import Resize, ShardReader, num_batches
 from ftdist.inference import class_scores
-from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
-                           memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, follow_schedule,
+                           init_distributed, memory_levers, optimizer_state_bytes, reapply_hyperparameters,
+                           rescheduled, resolve_precision)
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.metrics import (causal_lm_metrics, class_weights, classification_metrics, mfu, peak_tflops,
@@ -156,9 +157,7 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     n_params, n_trainable = parameter_counts(model)
     seed_everything(cfg.run.seed + session.rank)
     train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
-    steps = train_reader.num_batches()
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps = capped_batches(cfg, train_reader.num_batches())
     total = cfg.train.epochs * optimizer_steps_per_epoch(steps, cfg.train.gradient_accumulation_steps)
     if not partitioned:
         model.to(device)  # zero.Init already placed the partitions
@@ -173,6 +172,39 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
                  n_trainable=n_trainable,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
                  if cfg.model.task == "masked-lm" else None)
+
+
+def capped_batches(cfg: RunConfig, batches: int) -> int:
+    """An epoch's batches under ``train.max_steps_per_epoch``."""
+    return min(batches, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else batches
+
+
+def resume_on_another_size(s: Setup, state: ckpt.TrainState) -> str:
+    """Re-plan a run restored on another number of workers than wrote its checkpoint.
+
+    Data: the interrupted epoch's untrained samples are spread over the new ranks (``Resize``, see
+    ``ftdist.data.reader``); the next epoch is planned on the new size. Optimizer steps: micro batch
+    size and gradient accumulation stay as configured, so the global batch scales with the workers
+    and the steps left change; the LR schedule continues from the LR it had and is fitted to the
+    steps left (``engine.rescheduled``). Returns a line for the log."""
+    cfg, old, new = s.cfg, state.world_size or 1, s.session.world_size
+    gas = cfg.train.gradient_accumulation_steps
+    if state.schedule_total is None:  # a checkpoint from before resizing existed: the old size's plan
+        old_steps = capped_batches(cfg, num_batches(s.train_reader.shard_rows, old, cfg.train.batch_size))
+        state.schedule_total = cfg.train.epochs * optimizer_steps_per_epoch(old_steps, gas)
+    if state.batch:
+        state.resizes.append([old, state.batch])
+    epoch_steps = capped_batches(cfg, s.train_reader.num_batches(_resizes(state)))
+    remaining = (math.ceil((epoch_steps - state.batch) / gas)
+                 + (cfg.train.epochs - state.epoch - 1) * optimizer_steps_per_epoch(s.steps_per_epoch, gas))
+    state.schedule_remap = rescheduled(state.schedule_remap, state.schedule_total, state.global_step, remaining)
+    where = f"the rest of epoch {state.epoch + 1} re-planned" if state.batch else f"from epoch {state.epoch + 1}"
+    return (f"checkpoint written by {old} worker(s), resumed on {new}: model and optimizer state re-partitioned, "
+            f"{where}; {remaining} optimizer steps left, the LR schedule continues from its current value")
+
+
+def _resizes(state: ckpt.TrainState) -> list[Resize]:
+    return [Resize(w, b) for w, b in state.resizes]
 
 
 def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -325,9 +357,17 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     state = ckpt.TrainState()
     with session.restore_dir() as restore:
         if restore:
-            state = ckpt.load(engine, session.rank, restore)
+            state = ckpt.load(engine, session.rank, restore, world_size=session.world_size)
+            if state.world_size != session.world_size:
+                _log(s, resume_on_another_size(s, state))
+            if state.schedule_remap:  # resized at some point: the recorded plan, else this size's
+                follow_schedule(engine, state.schedule_total or s.optimizer_steps, cfg, state.schedule_remap)
             reapply_hyperparameters(engine, cfg)  # a PBT trial continues another trial's state with its own LR
-            _log(s, f"resumed from checkpoint at epoch {state.epoch + 1}, batch {state.batch} (step {state.global_step})")
+            _log(s, f"resumed from checkpoint at epoch {state.epoch + 1}, batch {state.batch} (step {state.global_step}) "
+                    f"at lr {engine.get_lr()[0]:.9e}")
+    state.world_size = session.world_size
+    if state.schedule_total is None:
+        state.schedule_total = s.optimizer_steps
     mode, metric = cfg.eval_mode, cfg.eval_metric
     peak = peak_tflops(cfg.train.peak_tflops, s.device.type)
     first_step_at: float | None = None
@@ -343,7 +383,9 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
         progress.start()
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
-        for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
+        resizes = _resizes(state)  # an epoch begun on another number of workers (resume_on_another_size)
+        S = capped_batches(cfg, s.train_reader.num_batches(resizes)) if resizes else s.steps_per_epoch
+        for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S, resizes=resizes):
             # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
             if s.masker is not None:  # seeded by position: a resumed epoch masks as the uninterrupted one would
@@ -388,7 +430,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         val, _, val_confusion = evaluate(s, "validation")
         progress.eval_done(time.perf_counter() - t_val)
         value = val[metric]
-        state.epoch, state.batch = epoch + 1, 0
+        state.epoch, state.batch, state.resizes = epoch + 1, 0, []
         patience = cfg.train.early_stopping_patience
         improved = selection.end_of_epoch(state, value, mode, cfg.train.early_stopping_min_delta, patience,
                                           cfg.train.epochs)

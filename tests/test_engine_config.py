@@ -1,5 +1,6 @@
 """DeepSpeed config and schedule are pure functions of the run config."""
 
+import pytest
 import torch
 
 from ftdist.config import load_config
@@ -49,3 +50,29 @@ def test_fp16_under_torch_autocast_gets_deepspeeds_loss_scaled_autocast():
     native = load_config(data=BASE, overrides=["train.precision=fp16", "deepspeed.mixed_precision=deepspeed"])
     c = deepspeed_config(native, Precision("fp16", torch.float16))
     assert c["fp16"] == {"enabled": True} and "torch_autocast" not in c
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("total,warmup,done,remaining", [(100, 10, 40, 120), (100, 10, 40, 15), (100, 20, 5, 300),
+                                                         (60, 0, 59, 2)])
+def test_a_resized_run_continues_its_lr_and_ends_the_schedule_on_its_new_last_step(kind, total, warmup, done,
+                                                                                  remaining):
+    """Resumed on another number of workers after ``done`` steps with ``remaining`` steps left:
+    no jump in the LR, the schedule's end reached exactly at ``done + remaining``, still monotone
+    after warmup, and a second resize chains on the first."""
+    from ftdist.engine import rescheduled
+
+    before = lr_lambda(total, warmup, kind)
+    remap = rescheduled(None, total, done, remaining)
+    after = lr_lambda(total, warmup, kind, remap)
+    assert after(done) == pytest.approx(before(done), abs=1e-12)
+    end = done + remaining
+    assert after(end) == pytest.approx(before(total), abs=1e-12)  # 0 for decays, 1 for constant
+    lrs = [after(s) for s in range(done, end + 1)]
+    tail = lrs[lrs.index(max(lrs)):]  # warmup left (stretched with the rest), then never up again
+    assert all(a >= b - 1e-12 for a, b in zip(tail, tail[1:]))
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:lrs.index(max(lrs))], lrs[1:]))
+    again = rescheduled(remap, total, done + remaining // 2, remaining)
+    chained = lr_lambda(total, warmup, kind, again)
+    assert chained(done + remaining // 2) == pytest.approx(after(done + remaining // 2), abs=1e-12)
+    assert chained(done + remaining // 2 + remaining) == pytest.approx(before(total), abs=1e-12)

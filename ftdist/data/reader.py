@@ -329,7 +329,7 @@ class ShardReader:
             for j in perm:
                 yield chunk[bounds[j]:bounds[j + 1]]
 
-    def _plan_batches(self, epoch: int, rank: int, world: int) -> Iterator[list[dict[str, Any]]]:
+    def _plan_batches(self, epoch: int, rank: int, world: int) -> Generator[list[dict[str, Any]], None, None]:
         """Every batch ``rank`` of ``world`` trains in an epoch planned on that size (rules 1-4)."""
         plan = plan_epoch(self.shard_rows, rank, world, self.batch_size, self.seed, epoch, self.shuffle)
         rows = self._rows(epoch, plan, rank)
@@ -341,7 +341,7 @@ class ShardReader:
             rows.close()
 
     def _segment_batches(self, epoch: int, segments: list[Segment], k: int,
-                         rank: int) -> Iterator[list[dict[str, Any]]]:
+                         rank: int) -> Generator[list[dict[str, Any]], None, None]:
         """Every batch ``rank`` trains in segment ``k`` of a resized epoch (see the module docstring)."""
         if k == 0:
             yield from self._plan_batches(epoch, rank, segments[0].world)
