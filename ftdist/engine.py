@@ -60,8 +60,11 @@ def engine_autocasts(cfg: RunConfig, precision: Precision) -> bool:
     return precision.name == "fp16" and cfg.deepspeed.mixed_precision == "torch_autocast"
 
 
-def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (``deepspeed.config`` keys are merged last)."""
+def deepspeed_config(cfg: RunConfig, precision: Precision, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (``deepspeed.config`` keys are merged last).
+
+    ``hidden_size`` (the model's, when known): ZeRO-3's gathering sizes are derived from it
+    (``zero3_sizes``) instead of DeepSpeed's fixed defaults."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -70,7 +73,7 @@ def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
                      "reduce_scatter": True})
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, **zero3_sizes(hidden_size)})
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -95,6 +98,32 @@ def deepspeed_config(cfg: RunConfig, precision: Precision) -> dict[str, Any]:
             "lr": cfg.train.learning_rate, "betas": list(cfg.train.adam_betas), "eps": cfg.train.adam_eps,
             "weight_decay": cfg.train.weight_decay}}
     return _merge(out, ds.config)
+
+
+def zero3_sizes(hidden_size: int | None) -> dict[str, int]:
+    """ZeRO-3's gathering limits from the model's hidden size ``h`` (a transformer layer holds ~12 h²
+    parameters); none without it (DeepSpeed's defaults).
+
+    Why: DeepSpeed keeps a gathered parameter whenever it is used again within
+    ``stage3_max_reuse_distance`` parameters (default 1e9) and keeps up to
+    ``stage3_max_live_parameters`` (1e9) gathered. For any model under ~500M parameters every weight is
+    reused within 1e9 (forward, then backward), so after the first step the whole model stayed
+    gathered on each rank and ZeRO-3's peak equalled ZeRO-0's (bench/RESULTS.md, memory levers).
+    Two layers' worth keeps the prefetch pipeline fed while the rest stays partitioned. The prefetch
+    bucket and the persistence threshold follow transformers' "auto" rules (0.9 h², 10 h).
+    ``deepspeed.config`` overrides any of them."""
+    if not hidden_size:
+        return {}
+    h = int(hidden_size)
+    return {"stage3_max_live_parameters": 24 * h * h, "stage3_max_reuse_distance": 24 * h * h,
+            "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+
+
+def model_hidden_size(model: torch.nn.Module) -> int | None:
+    """The hidden size from a (possibly peft-wrapped) HF model's config, if it has one."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +191,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    ds_cfg = deepspeed_config(cfg, precision)
+    ds_cfg = deepspeed_config(cfg, precision, model_hidden_size(model))
     warmup = int(cfg.train.warmup_ratio * total_optimizer_steps)
     sched_fn = lr_lambda(total_optimizer_steps, warmup, cfg.train.lr_schedule)
     groups = param_groups(model, cfg.train.weight_decay)

@@ -76,3 +76,33 @@ def test_a_resized_run_continues_its_lr_and_ends_the_schedule_on_its_new_last_st
     chained = lr_lambda(total, warmup, kind, again)
     assert chained(done + remaining // 2) == pytest.approx(after(done + remaining // 2), abs=1e-12)
     assert chained(done + remaining // 2 + remaining) == pytest.approx(before(total), abs=1e-12)
+
+
+def test_zero3_gathering_limits_follow_the_model_size_and_stay_overridable():
+    """DeepSpeed's default reuse distance (1e9 parameters) kept every weight of a <500M model gathered
+    after the first step, so ZeRO-3 saved no memory; the limits now scale with the hidden size."""
+    fp32 = Precision("fp32", None)
+    z3 = load_config(data=BASE, overrides=["deepspeed.zero_stage=3"])
+    zero = deepspeed_config(z3, fp32, hidden_size=1024)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == zero["stage3_max_live_parameters"] == 24 * 1024 * 1024
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    assert "stage3_max_reuse_distance" not in deepspeed_config(z3, fp32)["zero_optimization"]  # size unknown
+    z2 = load_config(data=BASE, overrides=["deepspeed.zero_stage=2"])
+    assert not any(k.startswith("stage3_") for k in deepspeed_config(z2, fp32, hidden_size=1024)["zero_optimization"])
+    mine = load_config(data=BASE, overrides=["deepspeed.zero_stage=3",
+                                             "deepspeed.config={zero_optimization: {stage3_max_reuse_distance: 7}}"])
+    zero = deepspeed_config(mine, fp32, hidden_size=1024)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == 7 and zero["stage3_max_live_parameters"] == 24 * 1024 * 1024
+
+
+def test_the_engine_reads_the_hidden_size_of_plain_and_lora_models(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from ftdist.config import LoraSection
+    from ftdist.engine import model_hidden_size
+    from ftdist.lora import apply_lora
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    assert model_hidden_size(model) == 32
+    assert model_hidden_size(apply_lora(model, LoraSection(), "sequence-classification", tiny_bert)) == 32
