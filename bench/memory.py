@@ -8,8 +8,8 @@ synthetic batches, one variant after another, each in fresh processes so that ea
 - ``zero0`` .. ``zero3``: full fine-tuning at each ZeRO stage (ZeRO-3 built into partitions from load);
 - ``zero3-full-load``: ZeRO-3 with the whole model loaded first and partitioned by
   ``deepspeed.initialize`` (how ftdist loaded every model before issue 13);
-- ``zero3-ds-defaults``: ZeRO-3 with DeepSpeed's default gathering limits instead of ftdist's
-  size-derived ones (``ftdist.engine.zero3_sizes``);
+- ``zero3-ds-defaults``: ZeRO-3 with DeepSpeed's default gathering limits and a 5e7-element gradient
+  bucket instead of ftdist's size-derived ones (``ftdist.engine.zero3_sizes``; how ftdist ran before);
 - ``zero3-offload``: ZeRO-3 with parameter and optimizer offload (DeepSpeed's CPU Adam);
 - ``zero3-gc``: ZeRO-3 with gradient checkpointing;
 - ``lora-zero0``, ``lora-zero3``: LoRA (r 8, the architecture's default targets) at ZeRO-0 and -3.
@@ -58,7 +58,8 @@ VARIANTS: dict[str, list[str]] = {
     "zero3": ["deepspeed.zero_stage=3"],
     "zero3-full-load": ["deepspeed.zero_stage=3"],
     # DeepSpeed's own ZeRO-3 gathering limits (what ftdist ran with before engine.zero3_sizes)
-    "zero3-ds-defaults": ["deepspeed.zero_stage=3", "deepspeed.config={zero_optimization: {stage3_max_live_parameters: "
+    "zero3-ds-defaults": ["deepspeed.zero_stage=3", "deepspeed.reduce_bucket_size=50000000",
+                          "deepspeed.config={zero_optimization: {stage3_max_live_parameters: "
                           "1000000000, stage3_max_reuse_distance: 1000000000, stage3_prefetch_bucket_size: 50000000, "
                           "stage3_param_persistence_threshold: 100000}}"],
     "zero3-offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],

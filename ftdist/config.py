@@ -160,7 +160,8 @@ class DeepSpeedSection(Section):
     mixed_precision: Literal["torch_autocast", "deepspeed"] = Field(
         "torch_autocast", description="how bf16/fp16 is applied; torch_autocast measured faster (bench/)")
     overlap_comm: bool = True
-    reduce_bucket_size: int = Field(50_000_000, ge=1)
+    reduce_bucket_size: int | None = Field(None, ge=1, description="unset: 5e7; at ZeRO-3 the model's hidden size "
+                                                                   "squared (engine.zero3_sizes)")
     allgather_bucket_size: int = Field(50_000_000, ge=1)
     config: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged last")
 

@@ -63,17 +63,20 @@ def engine_autocasts(cfg: RunConfig, precision: Precision) -> bool:
 def deepspeed_config(cfg: RunConfig, precision: Precision, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (``deepspeed.config`` keys are merged last).
 
-    ``hidden_size`` (the model's, when known): ZeRO-3's gathering sizes are derived from it
-    (``zero3_sizes``) instead of DeepSpeed's fixed defaults."""
+    ``hidden_size`` (the model's, when known): ZeRO-3's gathering sizes, and its gradient bucket
+    unless ``deepspeed.reduce_bucket_size`` is set, are derived from it (``zero3_sizes``; transformers'
+    "auto" takes h² for the bucket too) instead of DeepSpeed's fixed defaults."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update({"overlap_comm": ds.overlap_comm, "reduce_bucket_size": ds.reduce_bucket_size,
+        zero.update({"overlap_comm": ds.overlap_comm, "reduce_bucket_size": ds.reduce_bucket_size or 50_000_000,
                      "allgather_bucket_size": ds.allgather_bucket_size, "contiguous_gradients": True,
                      "reduce_scatter": True})
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero.update({"stage3_gather_16bit_weights_on_model_save": True, **zero3_sizes(hidden_size)})
+        if ds.reduce_bucket_size is None and hidden_size:  # a 5e7-element bucket is 200 MB of fp32 per rank
+            zero["reduce_bucket_size"] = hidden_size * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:

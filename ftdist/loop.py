@@ -19,7 +19,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,14 @@ class Setup:
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
     masker: Masker | None = None  # model.task masked-lm: masks each collated batch
+    rss_mb: dict[str, float] = field(default_factory=dict)  # this process's peak RSS at points of the run
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
     from ftdist.modeling import load_model
 
     device, precision, tok = start_worker(cfg, session)
+    rss_before_model = peak_rss_mb()  # libraries loaded, process group up: what the model adds comes next
     manifests = {s: load_manifest(split_uri(cfg, s), cfg.storage) for s in ("train", "validation", "test")}
     num_labels = cfg.model.num_labels or manifests["train"].num_labels
     label_names = cfg.model.label_names or manifests["train"].label_names
@@ -171,7 +180,8 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
                  n_trainable=n_trainable,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
-                 if cfg.model.task == "masked-lm" else None)
+                 if cfg.model.task == "masked-lm" else None,
+                 rss_mb={"before_model": rss_before_model})
 
 
 def capped_batches(cfg: RunConfig, batches: int) -> int:
@@ -452,6 +462,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         _save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
                                     "best_" + metric: state.best_metric, "should_checkpoint": True,
                                     "stopped_early": state.stopped_early})
+    s.rss_mb["after_training"] = peak_rss_mb()  # before the test pass and the export (which gathers weights)
     return _finish(s, state, throughput, first_step_at, tracker)
 
 
@@ -488,9 +499,12 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
                         "max_length": s.manifests["train"].max_length or cfg.data.max_length})
     opt_bytes = _all_reduce([float(optimizer_state_bytes(s.engine))], s.device)[0]  # ZeRO: each rank holds a part
     node_ids: list[Any] = [session.node_id()]
+    rss: list[Any] = [s.rss_mb]
     if dist.is_initialized() and dist.get_world_size() > 1:
         node_ids = [None] * dist.get_world_size()
         dist.all_gather_object(node_ids, session.node_id())
+        rss = [None] * dist.get_world_size()
+        dist.all_gather_object(rss, s.rss_mb)
     if session.rank != 0:
         return None
     result = {
@@ -499,7 +513,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "test": test, "throughput": throughput or (state.history[-1] if state.history else {}),
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
-        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes), "memory": memory_levers(s.engine),
+        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes), "memory": {**memory_levers(s.engine), "rss_mb": rss},
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
         "label_names": s.label_names, "train_log": state.train_log,
     }

@@ -87,9 +87,14 @@ def test_zero3_gathering_limits_follow_the_model_size_and_stay_overridable():
     assert zero["stage3_max_reuse_distance"] == zero["stage3_max_live_parameters"] == 24 * 1024 * 1024
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
     assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    assert zero["reduce_bucket_size"] == 1024 * 1024
+    assert deepspeed_config(z3, fp32)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    set_bucket = load_config(data=BASE, overrides=["deepspeed.zero_stage=3", "deepspeed.reduce_bucket_size=123"])
+    assert deepspeed_config(set_bucket, fp32, hidden_size=1024)["zero_optimization"]["reduce_bucket_size"] == 123
     assert "stage3_max_reuse_distance" not in deepspeed_config(z3, fp32)["zero_optimization"]  # size unknown
     z2 = load_config(data=BASE, overrides=["deepspeed.zero_stage=2"])
-    assert not any(k.startswith("stage3_") for k in deepspeed_config(z2, fp32, hidden_size=1024)["zero_optimization"])
+    z2_zero = deepspeed_config(z2, fp32, hidden_size=1024)["zero_optimization"]
+    assert not any(k.startswith("stage3_") for k in z2_zero) and z2_zero["reduce_bucket_size"] == 50_000_000
     mine = load_config(data=BASE, overrides=["deepspeed.zero_stage=3",
                                              "deepspeed.config={zero_optimization: {stage3_max_reuse_distance: 7}}"])
     zero = deepspeed_config(mine, fp32, hidden_size=1024)["zero_optimization"]
