@@ -104,6 +104,12 @@ def optimizer_steps_per_epoch(steps_per_epoch: int, gas: int) -> int:
     return math.ceil(steps_per_epoch / gas)
 
 
+def optimizer_steps_left(epoch_batches: int, done: int, later_epoch_batches: int, later_epochs: int, gas: int) -> int:
+    """Optimizer steps from batch ``done`` (an accumulation boundary) of an epoch of ``epoch_batches``
+    batches to the end of the run, with ``later_epochs`` more epochs of ``later_epoch_batches``."""
+    return math.ceil((epoch_batches - done) / gas) + later_epochs * optimizer_steps_per_epoch(later_epoch_batches, gas)
+
+
 def mid_epoch_checkpoint_due(done: int, steps_per_epoch: int, gas: int, every: int | None) -> bool:
     """Whether to checkpoint after ``done`` batches of the epoch.
 
@@ -205,8 +211,8 @@ def resume_on_another_size(s: Setup, state: ckpt.TrainState) -> str:
     if state.batch:
         state.resizes.append([old, state.batch])
     epoch_steps = capped_batches(cfg, s.train_reader.num_batches(_resizes(state)))
-    remaining = (math.ceil((epoch_steps - state.batch) / gas)
-                 + (cfg.train.epochs - state.epoch - 1) * optimizer_steps_per_epoch(s.steps_per_epoch, gas))
+    remaining = optimizer_steps_left(epoch_steps, state.batch, s.steps_per_epoch, cfg.train.epochs - state.epoch - 1,
+                                     gas)
     state.schedule_remap = rescheduled(state.schedule_remap, state.schedule_total, state.global_step, remaining)
     where = f"the rest of epoch {state.epoch + 1} re-planned" if state.batch else f"from epoch {state.epoch + 1}"
     return (f"checkpoint written by {old} worker(s), resumed on {new}: model and optimizer state re-partitioned, "
