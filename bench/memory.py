@@ -103,6 +103,9 @@ def worker(args: argparse.Namespace) -> None:
     from ftdist.modeling import load_model
 
     torch.set_num_threads(args.threads)
+    from ftdist.ray_worker import quiet_library_noise
+
+    quiet_library_noise()  # as in a real worker: no deprecation warning per collective
     family, task, _ = MODELS[args.model]
     cfg = load_config(data={"model": {"path": args.model_dir, "task": task},
                             "data": {"path": "unused"},
@@ -167,9 +170,13 @@ def run_variant(args: argparse.Namespace, variant: str, model_dir: Path, tmp: Pa
                "--model-dir", str(model_dir), "--json", str(out), "--steps", str(args.steps), "--batch",
                str(args.batch), "--seq", str(args.seq), "--device", args.device, "--precision", args.precision,
                "--threads", str(args.threads)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
-    errors = [p.communicate(timeout=args.timeout)[1] for p in procs]
+        # stderr to a file, not a pipe: a rank blocked writing to a full pipe that is read only after
+        # the other rank's exit stalls both in their next collective (it did with ZeRO-3's small buckets).
+        with open(tmp / f"{variant}-{rank}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True))
+    for p in procs:
+        p.wait(timeout=args.timeout)
+    errors = [(tmp / f"{variant}-{rank}.err").read_text() for rank in range(args.workers)]
     if any(p.returncode for p in procs):
         tail = next(e for p, e in zip(procs, errors) if p.returncode)
         return {"variant": variant, "status": "failed", "error": tail.strip().splitlines()[-1][:300]}
