@@ -72,3 +72,6 @@ def test_killed_mid_epoch_and_resumed_on_another_worker_count(before, after, sta
     rest = plan_segments(rows, BATCH, [Resize(before, int(m[1]))], after)[-1].steps
     assert summary["global_step"] == step + rest + num_batches(rows, after, BATCH)
     assert summary["epochs"][-1]["lr"] == pytest.approx(0.0, abs=1e-12) and summary["epochs"][0]["lr"] > 0
+    # Each worker of the resumed run reports its peak RSS before the model and after training.
+    rss = summary["memory"]["rss_mb"]
+    assert len(rss) == after and all(0 < r["before_model"] <= r["after_training"] for r in rss), rss
