@@ -8,6 +8,8 @@ synthetic batches, one variant after another, each in fresh processes so that ea
 - ``zero0`` .. ``zero3``: full fine-tuning at each ZeRO stage (ZeRO-3 built into partitions from load);
 - ``zero3-full-load``: ZeRO-3 with the whole model loaded first and partitioned by
   ``deepspeed.initialize`` (how ftdist loaded every model before issue 13);
+- ``zero3-ds-defaults``: ZeRO-3 with DeepSpeed's default gathering limits and a 5e7-element gradient
+  bucket instead of ftdist's size-derived ones (``ftdist.engine.zero3_sizes``; how ftdist ran before);
 - ``zero3-offload``: ZeRO-3 with parameter and optimizer offload (DeepSpeed's CPU Adam);
 - ``zero3-gc``: ZeRO-3 with gradient checkpointing;
 - ``lora-zero0``, ``lora-zero3``: LoRA (r 8, the architecture's default targets) at ZeRO-0 and -3.
@@ -55,6 +57,11 @@ VARIANTS: dict[str, list[str]] = {
     "zero2": ["deepspeed.zero_stage=2"],
     "zero3": ["deepspeed.zero_stage=3"],
     "zero3-full-load": ["deepspeed.zero_stage=3"],
+    # DeepSpeed's own ZeRO-3 gathering limits (what ftdist ran with before engine.zero3_sizes)
+    "zero3-ds-defaults": ["deepspeed.zero_stage=3", "deepspeed.reduce_bucket_size=50000000",
+                          "deepspeed.config={zero_optimization: {stage3_max_live_parameters: "
+                          "1000000000, stage3_max_reuse_distance: 1000000000, stage3_prefetch_bucket_size: 50000000, "
+                          "stage3_param_persistence_threshold: 100000}}"],
     "zero3-offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
     "zero3-gc": ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true"],
     "lora-zero0": ["deepspeed.zero_stage=0", "model.lora={r: 8}"],
@@ -96,6 +103,9 @@ def worker(args: argparse.Namespace) -> None:
     from ftdist.modeling import load_model
 
     torch.set_num_threads(args.threads)
+    from ftdist.ray_worker import quiet_library_noise
+
+    quiet_library_noise()  # as in a real worker: no deprecation warning per collective
     family, task, _ = MODELS[args.model]
     cfg = load_config(data={"model": {"path": args.model_dir, "task": task},
                             "data": {"path": "unused"},
@@ -160,9 +170,13 @@ def run_variant(args: argparse.Namespace, variant: str, model_dir: Path, tmp: Pa
                "--model-dir", str(model_dir), "--json", str(out), "--steps", str(args.steps), "--batch",
                str(args.batch), "--seq", str(args.seq), "--device", args.device, "--precision", args.precision,
                "--threads", str(args.threads)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
-    errors = [p.communicate(timeout=args.timeout)[1] for p in procs]
+        # stderr to a file, not a pipe: a rank blocked writing to a full pipe that is read only after
+        # the other rank's exit stalls both in their next collective (it did with ZeRO-3's small buckets).
+        with open(tmp / f"{variant}-{rank}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True))
+    for p in procs:
+        p.wait(timeout=args.timeout)
+    errors = [(tmp / f"{variant}-{rank}.err").read_text() for rank in range(args.workers)]
     if any(p.returncode for p in procs):
         tail = next(e for p, e in zip(procs, errors) if p.returncode)
         return {"variant": variant, "status": "failed", "error": tail.strip().splitlines()[-1][:300]}

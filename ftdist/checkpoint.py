@@ -11,13 +11,26 @@ A checkpoint folder (one per report; Ray Train merges every rank's files into it
 
 Ray registers a checkpoint only once every rank has uploaded its part, so a crash during a save
 leaves the previous checkpoint as the latest one (see README, Reliability).
+
+A checkpoint restored on another number of workers than wrote it (``TrainState.world_size``):
+ZeRO >= 1 keeps optimizer state (and at stage 3 the weights) in per-rank partitions of the old
+size, so the DeepSpeed part is converted to DeepSpeed's *universal* format (one folder per
+parameter: fp32 weights and Adam moments, whole) in a local temporary folder and loaded from there
+with ``load_universal``, which re-partitions it for the new size; ZeRO-0 state is replicated and
+loads as it is. Each new rank reads the sample-id records of the old ranks ``q`` with
+``q % new_world == rank``, so the records stay complete.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import glob
+import io
 import json
 import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +57,10 @@ class TrainState:
     val_confusions: dict[str, list[list[int]]] = field(default_factory=dict)  # validation confusion by epoch
     samples: dict[str, list[int]] = field(default_factory=dict)  # this rank's trained ids by epoch
     tasks: dict[str, Any] = field(default_factory=dict)  # multi-task: each task's stream position (ftdist.multitask)
+    world_size: int | None = None  # ranks that wrote this checkpoint (None: older checkpoints; see saved_world_size)
+    resizes: list[list[int]] = field(default_factory=list)  # [world, batch] per earlier segment of this epoch
+    schedule_total: int | None = None  # optimizer steps the LR schedule was planned for (engine.lr_lambda)
+    schedule_remap: list[float] = field(default_factory=list)  # after a resize: engine.rescheduled
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -71,13 +88,24 @@ def save(engine: Any, state: TrainState, rank: int, directory: str, record_sampl
             f.write(state.to_json())
 
 
-def load(engine: Any, rank: int, directory: str, module_only: bool = False) -> TrainState:
-    """Restore engine (and, unless ``module_only``, optimizer/scheduler/RNG) from ``directory``."""
-    engine.load_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG, load_module_only=module_only,
-                           load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+def load(engine: Any, rank: int, directory: str, module_only: bool = False, world_size: int | None = None) -> TrainState:
+    """Restore engine (and, unless ``module_only``, optimizer/scheduler/RNG) from ``directory``.
+
+    ``world_size``: this run's; a checkpoint written by another number of ranks is re-partitioned."""
     with open(os.path.join(directory, STATE_FILE)) as f:
-        d = json.load(f)
-    state = TrainState(**d)
+        state = TrainState(**json.load(f))
+    state.world_size = saved = state.world_size or saved_world_size(directory)
+    resized = world_size is not None and saved != world_size
+    ds_dir = os.path.join(directory, "ds")
+    kw = dict(tag=DS_TAG, load_module_only=module_only, load_optimizer_states=not module_only,
+              load_lr_scheduler_states=not module_only)
+    if resized and not module_only and engine.zero_optimization_stage() >= 1:
+        with tempfile.TemporaryDirectory(prefix="ftdist-universal-") as tmp:
+            _load_universal(engine, _to_universal(ds_dir, tmp), kw)
+    else:
+        # Module only needs no conversion at any size: ZeRO-3 consolidates the weights from the shards
+        # (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint), ZeRO-1/2 keep them whole.
+        engine.load_checkpoint(ds_dir, **kw)
     if module_only:
         return state
     rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
@@ -87,11 +115,43 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False) -> T
         random.setstate(_py_state_from_list(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    samples = os.path.join(directory, f"samples_rank{rank}.json")
-    if os.path.exists(samples):
-        with open(samples) as f:
-            state.samples = json.load(f)
+    new_world = world_size or saved
+    for old_rank in range(rank, saved, new_world):
+        samples = os.path.join(directory, f"samples_rank{old_rank}.json")
+        if os.path.exists(samples):
+            with open(samples) as f:
+                for epoch, ids in json.load(f).items():
+                    state.samples.setdefault(epoch, []).extend(ids)
     return state
+
+
+def saved_world_size(directory: str) -> int:
+    """Ranks that wrote a checkpoint, from their RNG files (every rank writes one)."""
+    return max(1, len(glob.glob(os.path.join(directory, "rng_rank*.pt"))))
+
+
+def _to_universal(ds_dir: str, out_root: str) -> str:
+    """DeepSpeed's ``ds_to_universal`` conversion of ``ds_dir``'s checkpoint into ``out_root``; in this
+    process (no process pool inside a Ray worker), its progress output kept out of the run's log."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=os.path.join(ds_dir, DS_TAG), output_folder=os.path.join(out_root, DS_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    return out_root
+
+
+def _load_universal(engine: Any, directory: str, kw: dict[str, Any]) -> None:
+    """Load a universal checkpoint. DeepSpeed reads ``checkpoint.load_universal`` only inside
+    ``load_checkpoint``, so it is switched on for this one load rather than for the engine's life."""
+    config = engine._config
+    config.load_universal_checkpoint = True
+    try:
+        engine.load_checkpoint(directory, **kw)
+    finally:
+        config.load_universal_checkpoint = False
 
 
 def _py_state_to_list(s: tuple[Any, ...]) -> list[Any]:

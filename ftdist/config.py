@@ -182,7 +182,8 @@ class DeepSpeedSection(Section):
     mixed_precision: Literal["torch_autocast", "deepspeed"] = Field(
         "torch_autocast", description="how bf16/fp16 is applied; torch_autocast measured faster (bench/)")
     overlap_comm: bool = True
-    reduce_bucket_size: int = Field(50_000_000, ge=1)
+    reduce_bucket_size: int | None = Field(None, ge=1, description="unset: 5e7; at ZeRO-3 the model's hidden size "
+                                                                   "squared (engine.zero3_sizes)")
     allgather_bucket_size: int = Field(50_000_000, ge=1)
     config: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged last")
 
@@ -197,6 +198,8 @@ class DeepSpeedSection(Section):
 
 class ScalingSection(Section):
     num_workers: int = Field(2, ge=1)
+    min_workers: int | None = Field(None, ge=1, description="elastic: Ray Train may run the worker group with "
+                                                            "between min_workers and num_workers workers")
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
@@ -208,6 +211,13 @@ class ScalingSection(Section):
     collective_timeout_s: float = Field(1800, gt=0, description="a rank stuck in a collective fails the run after this")
     address: str | None = Field(None, description="Ray cluster address; unset = RAY_ADDRESS or a local cluster")
     local_num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process local cluster")
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> "ScalingSection":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers ({self.min_workers}) is more than scaling.num_workers "
+                             f"({self.num_workers}, the most workers); lower min_workers or raise num_workers")
+        return self
 
 
 class StorageSection(Section):
@@ -340,6 +350,13 @@ class RunConfig(Section):
         if self.train.l2sp and self.train.precision == "fp16":
             raise ValueError("train.l2sp with train.precision fp16: a step fp16's loss scale skips would still be "
                              "pulled; use bf16 or fp32")
+        return self
+
+    @model_validator(mode="after")
+    def _elastic_single_task(self) -> "RunConfig":
+        if self.tasks and self.scaling.min_workers is not None and self.scaling.min_workers < self.scaling.num_workers:
+            raise ValueError("scaling.min_workers: a multi-task run resumes only on the number of workers it started "
+                             "with (its per-task stream positions are not re-planned); remove min_workers")
         return self
 
     @model_validator(mode="after")

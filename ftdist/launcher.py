@@ -32,7 +32,7 @@ from ftdist.multitask.preflight import add_task_summary, multitask_preflight, ta
 from ftdist.plots import write_run_plots
 from ftdist.preflight import (check_run_folder, preflight, prepare_data_if_needed, read_json,
                               unreachable_storage_is_a_user_error, write_run_marker)
-from ftdist.ray_cluster import connect_ray, use_gpu, wait_for_resources, worker_resources
+from ftdist.ray_cluster import connect_ray, use_gpu, wait_for_resources, worker_count, worker_resources
 from ftdist.ray_worker import worker_entry
 
 log = logging.getLogger("ftdist")
@@ -59,7 +59,7 @@ def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_fr
         train_loop_config={"config": cfg.unresolved().model_dump(mode="json"),
                            **({"restore_from": restore_from} if restore_from else {})},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(cfg.scaling.collective_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
+        scaling_config=ScalingConfig(num_workers=worker_count(cfg), use_gpu=gpu,  # type: ignore[arg-type]  # v2: (min, max)
                                      resources_per_worker={k: v for k, v in per_worker.items()
                                                            if not k.startswith("accelerator_type")},
                                      accelerator_type=cfg.scaling.accelerator_type),

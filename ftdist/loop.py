@@ -19,7 +19,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,10 +35,11 @@ from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker
-from ftdist.data.reader import ShardReader
+from ftdist.data.reader import Resize, ShardReader, num_batches
 from ftdist.data.replay import ReplayMix, replay_manifests
-from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
-                           memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, follow_schedule,
+                           init_distributed, memory_levers, optimizer_state_bytes, reapply_hyperparameters,
+                           rescheduled, resolve_precision)
 from ftdist.freezing import apply_freeze
 from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
@@ -73,6 +74,14 @@ class Setup:
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
     masker: Masker | None = None  # model.task masked-lm: masks each collated batch
     l2sp: L2SP | None = None  # train.l2sp: the pull toward the run's starting weights
+    rss_mb: dict[str, float] = field(default_factory=dict)  # this process's peak RSS at points of the run
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,12 @@ def accumulation_window(batch_index: int, steps_per_epoch: int, gas: int) -> Win
 def optimizer_steps_per_epoch(steps_per_epoch: int, gas: int) -> int:
     """One optimizer step per window, the epoch's last partial window included."""
     return math.ceil(steps_per_epoch / gas)
+
+
+def optimizer_steps_left(epoch_batches: int, done: int, later_epoch_batches: int, later_epochs: int, gas: int) -> int:
+    """Optimizer steps from batch ``done`` (an accumulation boundary) of an epoch of ``epoch_batches``
+    batches to the end of the run, with ``later_epochs`` more epochs of ``later_epoch_batches``."""
+    return math.ceil((epoch_batches - done) / gas) + later_epochs * optimizer_steps_per_epoch(later_epoch_batches, gas)
 
 
 def mid_epoch_checkpoint_due(done: int, steps_per_epoch: int, gas: int, every: int | None) -> bool:
@@ -181,9 +196,7 @@ def setup_data(cfg: RunConfig, session: Session, tokenizer: Any) -> DataSetup:
         train_reader = ReplayMix(train_reader, [split_reader(cfg, session, "train", m, shuffle=True, tokenizer=tokenizer,
                                                              data_path=p) for p, m in zip(cfg.data.replay.paths, replays)],
                                  cfg.data.replay.fraction, cfg.run.seed)
-    steps = train_reader.num_batches()
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps = capped_batches(cfg, train_reader.num_batches())
     return DataSetup(manifests, num_labels, label_names, train_reader, steps)
 
 
@@ -215,6 +228,7 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: Precision, pad_
 def setup(cfg: RunConfig, session: Session) -> Setup:
     """A worker's whole run state: worker start, then data (it sizes the LR schedule), then model."""
     device, precision, tok = start_worker(cfg, session)
+    rss_before_model = peak_rss_mb()  # libraries loaded, process group up: what the model adds comes next
     data = setup_data(cfg, session, tok)
     total = cfg.train.epochs * optimizer_steps_per_epoch(data.steps_per_epoch, cfg.train.gradient_accumulation_steps)
     model = setup_model(cfg, device, precision, tok.pad_token_id, data.num_labels, data.label_names, total)
@@ -225,7 +239,43 @@ def setup(cfg: RunConfig, session: Session) -> Setup:
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
                  n_trainable=model.n_trainable, l2sp=model.l2sp,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
-                 if cfg.model.task == "masked-lm" else None)
+                 if cfg.model.task == "masked-lm" else None,
+                 rss_mb={"before_model": rss_before_model})
+
+
+def capped_batches(cfg: RunConfig, batches: int) -> int:
+    """An epoch's batches under ``train.max_steps_per_epoch``."""
+    return min(batches, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else batches
+
+
+def resume_on_another_size(s: Setup, state: ckpt.TrainState) -> str:
+    """Re-plan a run restored on another number of workers than wrote its checkpoint.
+
+    Data: the interrupted epoch's untrained samples are spread over the new ranks (``Resize``, see
+    ``ftdist.data.reader``); the next epoch is planned on the new size. Optimizer steps: micro batch
+    size and gradient accumulation stay as configured, so the global batch scales with the workers
+    and the steps left change; the LR schedule continues from the LR it had and is fitted to the
+    steps left (``engine.rescheduled``). Returns a line for the log."""
+    cfg, old, new = s.cfg, state.world_size or 1, s.session.world_size
+    gas = cfg.train.gradient_accumulation_steps
+    # preflight refuses resizing a run with data.replay (its sources' positions are not re-planned)
+    assert isinstance(s.train_reader, ShardReader), "data.replay runs resume on their own number of workers"
+    if state.schedule_total is None:  # a checkpoint from before resizing existed: the old size's plan
+        old_steps = capped_batches(cfg, num_batches(s.train_reader.shard_rows, old, cfg.train.batch_size))
+        state.schedule_total = cfg.train.epochs * optimizer_steps_per_epoch(old_steps, gas)
+    if state.batch:
+        state.resizes.append([old, state.batch])
+    epoch_steps = capped_batches(cfg, s.train_reader.num_batches(_resizes(state)))
+    remaining = optimizer_steps_left(epoch_steps, state.batch, s.steps_per_epoch, cfg.train.epochs - state.epoch - 1,
+                                     gas)
+    state.schedule_remap = rescheduled(state.schedule_remap, state.schedule_total, state.global_step, remaining)
+    where = f"the rest of epoch {state.epoch + 1} re-planned" if state.batch else f"from epoch {state.epoch + 1}"
+    return (f"checkpoint written by {old} worker(s), resumed on {new}: model and optimizer state re-partitioned, "
+            f"{where}; {remaining} optimizer steps left, the LR schedule continues from its current value")
+
+
+def _resizes(state: ckpt.TrainState) -> list[Resize]:
+    return [Resize(w, b) for w, b in state.resizes]
 
 
 def split_reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
@@ -350,9 +400,17 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     state = ckpt.TrainState()
     with session.restore_dir() as restore:
         if restore:
-            state = ckpt.load(engine, session.rank, restore)
+            state = ckpt.load(engine, session.rank, restore, world_size=session.world_size)
+            if state.world_size != session.world_size:
+                _log(s, resume_on_another_size(s, state))
+            if state.schedule_remap:  # resized at some point: the recorded plan, else this size's
+                follow_schedule(engine, state.schedule_total or s.optimizer_steps, cfg, state.schedule_remap)
             reapply_hyperparameters(engine, cfg)  # a PBT trial continues another trial's state with its own LR
-            _log(s, f"resumed from checkpoint at epoch {state.epoch + 1}, batch {state.batch} (step {state.global_step})")
+            _log(s, f"resumed from checkpoint at epoch {state.epoch + 1}, batch {state.batch} (step {state.global_step}) "
+                    f"at lr {engine.get_lr()[0]:.9e}")
+    state.world_size = session.world_size
+    if state.schedule_total is None:
+        state.schedule_total = s.optimizer_steps
     mode, metric = cfg.eval_mode, cfg.eval_metric
     peak = peak_tflops(cfg.train.peak_tflops, s.device.type)
     first_step_at: float | None = None
@@ -372,7 +430,15 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
         progress.start()
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
-        for rows in s.train_reader.batches(epoch, start_batch=state.batch, max_batches=S):
+        resizes = _resizes(state)  # an epoch begun on another number of workers (resume_on_another_size)
+        reader = s.train_reader
+        if resizes and isinstance(reader, ShardReader):  # (never a replay mix: preflight refuses that resize)
+            S = capped_batches(cfg, reader.num_batches(resizes))
+            epoch_batches = reader.batches(epoch, start_batch=state.batch, max_batches=S, resizes=resizes)
+        else:
+            S = s.steps_per_epoch
+            epoch_batches = reader.batches(epoch, start_batch=state.batch, max_batches=S)
+        for rows in epoch_batches:
             # Pinned host memory lets the non_blocking copy in _to_device overlap with compute on a GPU.
             batch = collate(rows, s.tokenizer.pad_token_id, cfg.model.task, pin_memory=s.device.type == "cuda")
             if s.masker is not None:  # seeded by position: a resumed epoch masks as the uninterrupted one would
@@ -417,7 +483,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         val, _, val_confusion = evaluate(s, "validation")
         progress.eval_done(time.perf_counter() - t_val)
         value = val[metric]
-        state.epoch, state.batch = epoch + 1, 0
+        state.epoch, state.batch, state.resizes = epoch + 1, 0, []
         patience = cfg.train.early_stopping_patience
         improved = selection.end_of_epoch(state, value, mode, cfg.train.early_stopping_min_delta, patience,
                                           cfg.train.epochs)
@@ -439,6 +505,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         _save_and_report(s, state, {**record, "first_step_time": first_step_at or 0.0,
                                     "best_" + metric: state.best_metric, "should_checkpoint": True,
                                     "stopped_early": state.stopped_early})
+    s.rss_mb["after_training"] = peak_rss_mb()  # before the test pass and the export (which gathers weights)
     return _finish(s, state, throughput, first_step_at, tracker)
 
 
@@ -475,9 +542,12 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
                         "max_length": s.manifests["train"].max_length or cfg.data.max_length})
     opt_bytes = _all_reduce([float(optimizer_state_bytes(s.engine))], s.device)[0]  # ZeRO: each rank holds a part
     node_ids: list[Any] = [session.node_id()]
+    rss: list[Any] = [s.rss_mb]
     if dist.is_initialized() and dist.get_world_size() > 1:
         node_ids = [None] * dist.get_world_size()
         dist.all_gather_object(node_ids, session.node_id())
+        rss = [None] * dist.get_world_size()
+        dist.all_gather_object(rss, s.rss_mb)
     if session.rank != 0:
         return None
     result = {
@@ -486,7 +556,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
         "test": test, "throughput": throughput or (state.history[-1] if state.history else {}),
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": node_ids, "device": s.device.type, "precision": s.precision.name, "n_params": s.n_params,
-        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes), "memory": memory_levers(s.engine),
+        "trainable_params": s.n_trainable, "optimizer_state_bytes": int(opt_bytes), "memory": {**memory_levers(s.engine), "rss_mb": rss},
         "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
         "label_names": s.label_names, "train_log": state.train_log,
     }

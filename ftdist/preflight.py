@@ -2,7 +2,8 @@
 
 Why before: a mistake found after Ray started costs the user a minute and a page of logs; found
 here it is one line (exit 2) and nothing is written. Owns the run folder's marker: a folder made
-by another config, or by another number of workers, is never resumed.
+by another config is never resumed; one started on another number of workers is resumed on this
+one (single-task runs; see ``check_resize``).
 """
 
 from __future__ import annotations
@@ -111,21 +112,27 @@ def check_run_folder(cfg: RunConfig) -> str:
                         f"restore the original config to resume")
     if storage.exists(join_uri(run_uri, layout.SUMMARY), cfg.storage):
         return "completed"  # the caller reads the summary (read_json: a corrupt one is one line)
-    check_same_world_size(info, cfg, run_uri)
+    check_resize(info, cfg, run_uri)
     return "resume"
 
 
-def check_same_world_size(info: dict[str, Any], cfg: RunConfig, run_uri: str) -> None:
-    """Refuse to resume on another number of workers.
+def check_resize(info: dict[str, Any], cfg: RunConfig, run_uri: str) -> None:
+    """Say when a run resumes on another number of workers; refuse it where it is not supported.
 
-    Why: the saved reader position (epoch, batch) indexes the old partition of the data across
-    ranks, and ZeRO >= 1 optimizer shards belong to the old data-parallel size; resuming on another
-    size would silently repeat and skip samples (or load mismatched shards)."""
+    A single-task run is re-planned by the workers (``loop.resume_on_another_size``: ZeRO state
+    re-partitioned through a universal checkpoint, the interrupted epoch's remaining samples spread
+    over the new ranks). A multi-task run keeps one stream position per task and rank, which is not
+    re-planned yet: resuming it on another size would repeat and skip samples."""
     saved = info.get("num_workers")
-    if saved is not None and saved != cfg.scaling.num_workers:
+    if saved is None or saved == cfg.scaling.num_workers:
+        return
+    if cfg.tasks or cfg.data.replay is not None:
+        what = "a multi-task run" if cfg.tasks else "a run with data.replay"  # per-source positions: not re-planned
         raise UserError(f"run folder '{run_uri}' was started with {saved} worker(s) and this config asks for "
-                        f"{cfg.scaling.num_workers} worker(s); resuming on another world size is not supported yet: "
-                        f"set scaling.num_workers={saved} to resume, or use a new run.name to start over")
+                        f"{cfg.scaling.num_workers} worker(s); {what} resumes only on the number of "
+                        f"workers it started with: set scaling.num_workers={saved}, or use a new run.name")
+    print(f"[ftdist] run '{cfg.run.name}' was started on {saved} worker(s), resuming on {cfg.scaling.num_workers}: "
+          f"its latest checkpoint is re-partitioned for the new size", flush=True)
 
 
 def read_json(uri: str, cfg: RunConfig) -> dict[str, Any]:

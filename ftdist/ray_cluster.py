@@ -80,11 +80,25 @@ def worker_resources(cfg: RunConfig, gpu: bool) -> dict[str, float]:
     return res
 
 
+def worker_count(cfg: RunConfig) -> int | tuple[int, int]:
+    """Ray Train's ``ScalingConfig.num_workers``: a fixed count, or ``(min, max)`` for elastic training
+    (``scaling.min_workers``): Ray Train then starts with as many workers as the cluster has room for,
+    restarts the group smaller when a node is lost and larger when room appears, each time from the
+    latest checkpoint, which the workers re-plan for the new size (``loop.resume_on_another_size``)."""
+    s = cfg.scaling
+    if s.min_workers is None or s.min_workers >= s.num_workers:
+        return s.num_workers
+    return (s.min_workers, s.num_workers)
+
+
 def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
-    """Fail with a clear message instead of pending forever when the cluster cannot host the workers."""
+    """Fail with a clear message instead of pending forever when the cluster cannot host the workers
+    (the fewest it may run with, for an elastic run)."""
     import ray
 
-    need = {k: v * cfg.scaling.num_workers for k, v in per_worker.items()}
+    count = worker_count(cfg)
+    least = count[0] if isinstance(count, tuple) else count
+    need = {k: v * least for k, v in per_worker.items()}
     deadline = time.monotonic() + cfg.scaling.placement_timeout_s
     with contextlib.suppress(Exception):  # ask an autoscaler (if any) for the nodes: GPU groups may sit at 0
         from ray.autoscaler.sdk import request_resources
@@ -99,7 +113,7 @@ def wait_for_resources(cfg: RunConfig, per_worker: dict[str, float]) -> None:
             asked = ", ".join(f"{k}={v:g}" for k, v in need.items() if not k.startswith("accelerator_type"))
             has = ", ".join(f"{k}={v:g}" for k, v in sorted(have.items())
                             if k in ("CPU", "GPU", "memory") or k in need)
-            raise UserError(f"the Ray cluster cannot host {cfg.scaling.num_workers} worker(s): asked for {asked} "
+            raise UserError(f"the Ray cluster cannot host {least} worker(s): asked for {asked} "
                             f"in total, the cluster has {has}; lower scaling.num_workers/cpus_per_worker/"
                             f"gpus_per_worker or add nodes (waited scaling.placement_timeout_s="
                             f"{cfg.scaling.placement_timeout_s:g}s)")

@@ -257,7 +257,7 @@ def worker_pids(root_pid: int | None = None) -> list[int]:
 def train_killing_a_worker(cfg, run_dir: Path, checkpoint_marker: str) -> tuple[dict, int | None]:
     """Run ``run_training(cfg)`` in a thread and SIGKILL the first Ray Train worker as soon as Ray has
     registered a checkpoint whose name holds ``checkpoint_marker`` (e.g. ``batch000004``: mid-epoch);
-    returns (the run's summary, the killed pid or None if the run ended first)."""
+    returns (the run's summary, or {} if the run failed; the killed pid or None if the run ended first)."""
     import threading
     import time
 
@@ -265,8 +265,17 @@ def train_killing_a_worker(cfg, run_dir: Path, checkpoint_marker: str) -> tuple[
 
     from ftdist.launcher import run_training
 
+    from ftdist.errors import RunFailed
+
     result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault("summary", run_training(cfg)))
+
+    def train() -> None:
+        try:
+            result["summary"] = run_training(cfg)
+        except RunFailed as e:  # a run without restarts (scaling.max_failures 0) stops at the kill
+            result["error"] = e
+
+    t = threading.Thread(target=train)
     t.start()
     killed = None
     deadline = time.time() + 240

@@ -80,6 +80,13 @@ def train(w, **sections):
     return ["train", _write(w, _cfg(w, **sections))]
 
 
+def _multitask(w, **sections) -> dict:
+    cfg = _cfg(w, **sections)
+    del cfg["data"]["path"]
+    cfg["tasks"] = [{"name": "a", "data": {"path": w["ds"]}}, {"name": "b", "data": {"path": w["ds"]}}]
+    return cfg
+
+
 def prep(w, *extra: str, out: str = "new-ds"):
     return ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / out), "--model", w["bert"], *extra]
 
@@ -124,6 +131,10 @@ CASES = {
     "config-out-of-range": (lambda w: train(w, train={"learning_rate": 5}), "'train.learning_rate'"),
     "config-bad-zero-stage": (lambda w: train(w, deepspeed={"zero_stage": 4}), "'deepspeed.zero_stage'"),
     "config-offload-params-stage": (lambda w: train(w, deepspeed={"offload_params": True}), "needs deepspeed.zero_stage: 3"),
+    "config-min-workers-above-max": (lambda w: train(w, scaling={"min_workers": 3}),
+                                     "scaling.min_workers (3) is more than scaling.num_workers (2"),
+    "config-elastic-multitask": (lambda w: ["train", _write(w, _multitask(w, scaling={"min_workers": 1}))],
+                                 "scaling.min_workers: a multi-task run resumes only on the number"),
     "config-metric-not-reported": (lambda w: train(w, train={"eval_metric": "perplexity"}), "not reported for task"),
     "config-class-weights-vs-data": (lambda w: train(w, train={"class_weights": [1.0, 2.0]}),
                                      "train.class_weights has 2 weight(s) but there are 3 classes"),

@@ -1,6 +1,7 @@
 """What a run folder or a prepared data set says about itself is checked before anything trains:
-resuming on another worker count, corrupt markers, and a data set that cannot prove how it was built
-are refused with one line (exit 2), before Ray starts and without touching the folder."""
+corrupt markers, a multi-task run resumed on another worker count, and a data set that cannot prove
+how it was built are refused with one line (exit 2), before Ray starts and without touching the
+folder; a single-task run resumed on another worker count is accepted (the workers re-plan it)."""
 
 from __future__ import annotations
 
@@ -42,14 +43,49 @@ def started_run(tmp_path, tiny_bert, cls_data) -> tuple[dict, Path]:
     return cfg, tmp_path / "runs" / "resize"
 
 
-def test_resume_on_another_worker_count_is_refused(tmp_path, started_run, capsys):
-    cfg, run = started_run
+def test_a_run_resumed_on_another_worker_count_is_accepted_and_said(started_run, capsys):
+    from ftdist.config import validate
+    from ftdist.preflight import check_run_folder
+
+    cfg, _ = started_run
+    cfg["scaling"]["num_workers"] = 1
+    assert check_run_folder(validate(cfg)) == "resume"
+    out = capsys.readouterr().out
+    assert "started on 2 worker(s), resuming on 1" in out and "re-partitioned" in out, out
+
+
+def test_a_multitask_run_resumed_on_another_worker_count_is_refused(tmp_path, tiny_bert, cls_data, capsys):
+    from ftdist.config import validate
+    from ftdist.preflight import write_run_marker
+
+    cfg = base_config(tiny_bert, "unused", str(tmp_path / "runs"), run={"name": "mt"})
+    del cfg["data"]["path"]
+    cfg["tasks"] = [{"name": "a", "data": {"path": cls_data}}, {"name": "b", "data": {"path": cls_data}}]
+    write_run_marker(validate(cfg))
+    run = tmp_path / "runs" / "mt"
     before = _snapshot(run)
     cfg["scaling"]["num_workers"] = 1
     code, err = _run_cli(tmp_path, cfg, capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "2 worker" in err and "1 worker" in err and "scaling.num_workers" in err, err
+    assert "2 worker" in err and "1 worker" in err and "scaling.num_workers=2" in err, err
+    assert _snapshot(run) == before
+
+
+def test_a_run_with_replay_resumed_on_another_worker_count_is_refused(tmp_path, tiny_bert, cls_data, capsys):
+    """data.replay keeps a position per replay source that the resize re-plan does not cover."""
+    from ftdist.config import validate
+    from ftdist.preflight import write_run_marker
+
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "rp"})
+    cfg["data"]["replay"] = {"paths": [cls_data], "fraction": 0.2}
+    write_run_marker(validate(cfg))
+    run = tmp_path / "runs" / "rp"
+    before = _snapshot(run)
+    cfg["scaling"]["num_workers"] = 1
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "data.replay" in err and "scaling.num_workers=2" in err, err
     assert _snapshot(run) == before
 
 

@@ -22,6 +22,15 @@ How an epoch is laid out (a pure function of seed, epoch, rank and world size; s
 
 The position is ``(epoch, batches_done)``; resuming replays the (cheap, I/O-only) stream up to that
 batch and continues, so no sample of an interrupted epoch is repeated or skipped.
+
+**Resuming on another number of workers** (``Resize``, ``plan_segments``). An epoch interrupted at
+batch ``b`` on ``W`` ranks is continued by ``W'`` ranks as a new *segment*: each old rank's rows
+after its first ``b`` batches (its stream from batch ``b`` on), concatenated in old-rank order, form
+the epoch's remaining sequence; the new ranks split it into contiguous ranges and batches exactly as
+rule 2-3 split a whole epoch. Every row of the epoch is thus in an old rank's trained prefix or in
+exactly one new rank's range. Segments nest (a resized epoch resized again), the position stays
+one batch count per epoch (a segment starts at the batch where the previous one stopped), and the
+next epoch is planned on the new size as usual.
 """
 
 from __future__ import annotations
@@ -61,6 +70,63 @@ class EpochPlan:
     @property
     def num_rows(self) -> int:
         return sum(s.stop - s.start for s in self.slices)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """An earlier segment of an interrupted epoch: ``world`` ranks trained it until the epoch's
+    batch ``batch`` (a position from a checkpoint), then the run resumed on another size."""
+
+    world: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch trained by one world size: from the epoch's batch ``start`` on, rank
+    ``r`` trains ``shares[r]`` rows of the segment's sequence in batches of ``sizes[r]``."""
+
+    world: int
+    start: int
+    shares: list[int]
+    sizes: list[list[int]]
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes[0])
+
+    def remaining(self, rank: int, done: int) -> int:
+        """Rows of ``rank``'s share left after its first ``done`` batches."""
+        return self.shares[rank] - sum(self.sizes[rank][:done])
+
+
+def _split(n: int, world: int, batch_size: int) -> tuple[list[int], list[list[int]]]:
+    """``n`` rows over ``world`` ranks (rule 2) and each share over the common batch count (rule 3)."""
+    base, extra = divmod(n, world)
+    shares = [base + (1 if r < extra else 0) for r in range(world)]
+    steps = min(-(-shares[0] // batch_size), shares[-1])
+    return shares, [[(k + 1) * m // steps - k * m // steps for k in range(steps)] for m in shares]
+
+
+def plan_segments(shard_rows: list[int], batch_size: int, resizes: list[Resize], world: int) -> list[Segment]:
+    """The segments of an epoch begun on ``resizes[0].world`` ranks and resized at each
+    ``Resize.batch``, ending with ``world`` ranks (pure; ``[one segment]`` without resizes)."""
+    worlds = [r.world for r in resizes] + [world]
+    n, start, segments = sum(shard_rows), 0, []
+    for k, w in enumerate(worlds):
+        if n < w:
+            raise UserError(f"the interrupted epoch has {n} sample(s) left to train, fewer than the {w} worker(s) "
+                            f"it is resumed on; resume on at most {n} worker(s) (scaling.num_workers)")
+        shares, sizes = _split(n, w, batch_size)
+        seg = Segment(w, start, shares, sizes)
+        segments.append(seg)
+        if k < len(resizes):
+            done = resizes[k].batch - start
+            if not 0 < done < seg.steps:
+                raise ValueError(f"resize at batch {resizes[k].batch} is outside segment {k} "
+                                 f"(batches {start}..{start + seg.steps})")
+            n, start = sum(seg.remaining(r, done) for r in range(w)), resizes[k].batch
+    return segments
 
 
 def epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
@@ -124,8 +190,13 @@ class ShardReader:
             plan_epoch(rows, rank, world, batch_size, seed, 0, shuffle)  # raises the one-line error
         self.shard_rows = rows
 
-    def num_batches(self) -> int:
-        return num_batches(self.shard_rows, self.world, self.batch_size)
+    def num_batches(self, resizes: list[Resize] | None = None) -> int:
+        """Batches of an epoch; with ``resizes`` (an epoch resumed on another size) the epoch's total:
+        the batches trained before the last resize plus the current segment's."""
+        if not resizes:
+            return num_batches(self.shard_rows, self.world, self.batch_size)
+        last = plan_segments(self.shard_rows, self.batch_size, resizes, self.world)[-1]
+        return last.start + last.steps
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -200,8 +271,8 @@ class ShardReader:
             stop.set()
             th.join(timeout=30)  # at most one slice read in flight; never leave a reader behind
 
-    def _rows(self, epoch: int, plan: EpochPlan) -> Generator[dict[str, Any], None, None]:
-        rng = epoch_rng(self.seed, epoch, self.rank + 1)
+    def _rows(self, epoch: int, plan: EpochPlan, rank: int) -> Generator[dict[str, Any], None, None]:
+        rng = epoch_rng(self.seed, epoch, rank + 1)
         buf: list[dict[str, Any]] = []
         tables = self._tables(plan)
         try:
@@ -250,22 +321,77 @@ class ShardReader:
         for c in range(0, len(sizes), per_chunk):
             chunk_sizes = sizes[c:c + per_chunk]
             chunk = sorted((next(rows) for _ in range(sum(chunk_sizes))), key=lambda r: r["length"])
-            bounds = np.cumsum([0, *chunk_sizes])
-            for j in rng.permutation(len(chunk_sizes)):
+            # The j-th batch takes the perm[j]-th length run, cut to the j-th planned size: batches come
+            # in random length order while batch k still has size sizes[k] (a resize counts on that).
+            perm = rng.permutation(len(chunk_sizes))
+            run_sizes = np.empty(len(chunk_sizes), dtype=np.int64)
+            run_sizes[perm] = chunk_sizes
+            bounds = np.cumsum([0, *run_sizes])
+            for j in perm:
                 yield chunk[bounds[j]:bounds[j + 1]]
 
-    def batches(self, epoch: int, start_batch: int = 0, max_batches: int | None = None) -> Iterator[list[dict[str, Any]]]:
-        """Lists of row dicts for this rank's batches of ``epoch``, starting after ``start_batch`` batches."""
-        plan = plan_epoch(self.shard_rows, self.rank, self.world, self.batch_size, self.seed, epoch, self.shuffle)
-        sizes = plan.batch_sizes
-        rows = self._rows(epoch, plan)
+    def _plan_batches(self, epoch: int, rank: int, world: int) -> Generator[list[dict[str, Any]], None, None]:
+        """Every batch ``rank`` of ``world`` trains in an epoch planned on that size (rules 1-4)."""
+        plan = plan_epoch(self.shard_rows, rank, world, self.batch_size, self.seed, epoch, self.shuffle)
+        rows = self._rows(epoch, plan, rank)
         # A separate stream from the shuffle's, so bucketing never changes which rows a rank gets.
-        order_rng = epoch_rng(self.seed, epoch, self.rank + 1, 1)
+        order_rng = epoch_rng(self.seed, epoch, rank + 1, 1)
         try:
-            for k, batch in enumerate(self._batched(rows, sizes, order_rng)):
+            yield from self._batched(rows, plan.batch_sizes, order_rng)
+        finally:  # also when the consumer stops iterating early: stops the read-ahead thread now
+            rows.close()
+
+    def _segment_batches(self, epoch: int, segments: list[Segment], k: int,
+                         rank: int) -> Generator[list[dict[str, Any]], None, None]:
+        """Every batch ``rank`` trains in segment ``k`` of a resized epoch (see the module docstring)."""
+        if k == 0:
+            yield from self._plan_batches(epoch, rank, segments[0].world)
+            return
+        seg, prev = segments[k], segments[k - 1]
+        lo = sum(seg.shares[:rank])
+        rows = self._remaining_rows(epoch, segments, k - 1, seg.start - prev.start, lo, lo + seg.shares[rank])
+        try:
+            yield from self._batched(rows, seg.sizes[rank], epoch_rng(self.seed, epoch, rank + 1, 2, k))
+        finally:
+            rows.close()
+
+    def _remaining_rows(self, epoch: int, segments: list[Segment], k: int, done: int, lo: int,
+                        hi: int) -> Generator[dict[str, Any], None, None]:
+        """Rows ``lo:hi`` of segment ``k``'s untrained rows: each of its ranks' rows after ``done``
+        batches, concatenated in rank order."""
+        seg, offset = segments[k], 0
+        for q in range(seg.world):
+            left = seg.remaining(q, done)
+            a, b = max(lo, offset), min(hi, offset + left)
+            if a < b:
+                stream = self._segment_batches(epoch, segments, k, q)
+                try:
+                    rows = (row for i, batch in enumerate(stream) if i >= done for row in batch)
+                    for j, row in enumerate(rows):
+                        if j >= b - offset:
+                            break
+                        if j >= a - offset:
+                            yield row
+                finally:
+                    stream.close()
+            offset += left
+
+    def batches(self, epoch: int, start_batch: int = 0, max_batches: int | None = None,
+                resizes: list[Resize] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Lists of row dicts for this rank's batches of ``epoch``, starting after ``start_batch`` batches
+        (counted from the epoch's start). ``resizes``: the epoch began on other world sizes (a resumed
+        run); this rank then reads its range of the rows those sizes left untrained."""
+        if resizes:
+            segments = plan_segments(self.shard_rows, self.batch_size, resizes, self.world)
+            first = segments[-1].start
+            stream = self._segment_batches(epoch, segments, len(segments) - 1, self.rank)
+        else:
+            first, stream = 0, self._plan_batches(epoch, self.rank, self.world)
+        try:
+            for k, batch in enumerate(stream, start=first):
                 if max_batches is not None and k >= max_batches:
                     break
                 if k >= start_batch:
                     yield batch
         finally:  # also when the consumer stops iterating early: stops the read-ahead thread now
-            rows.close()
+            stream.close()
