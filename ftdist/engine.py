@@ -138,7 +138,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (the standard AdamW recipe)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -237,7 +238,7 @@ def optimizer_state_bytes(engine: Any) -> int:
 def memory_levers(engine: Any) -> dict[str, Any]:
     """What the engine actually runs with (read from DeepSpeed and the model, not from the config), for
     the summary: the optimizer class, offloads, activation checkpointing, compilation."""
-    module = getattr(engine, "module", None)
+    module: Any = getattr(engine, "module", None)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     opt = base_optimizer(engine)
     return {"optimizer": type(opt).__name__ if opt is not None else None,
@@ -282,7 +283,7 @@ def init_distributed(device_type: str) -> None:
         # that only its *inference* all-reduce uses; training all-reduces go through gloo. Skip it.
         import importlib
 
-        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # `import a.b.torch as x` finds torch itself
+        ds_torch_comm: Any = importlib.import_module("deepspeed.comm.torch")  # `import a.b.torch as x` finds torch
         if hasattr(ds_torch_comm, "build_shm_op"):
             ds_torch_comm.build_shm_op = lambda: None
 

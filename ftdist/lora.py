@@ -12,12 +12,15 @@ A multi-task model (``ftdist.multitask.model``) gets its adapters on the shared 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ftdist.config import LoraSection
 from ftdist.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: peft's own defaults cover BERT/RoBERTa (query, value), GPT-2 (c_attn), T5 (q, v), LLaMA-likes and
 #: more; these fill gaps in its table. Architectures in neither fall back to every linear layer.
@@ -39,14 +42,14 @@ def target_modules(lora: LoraSection, model_type: str) -> list[str] | str:
     return lora.target_modules if lora.target_modules is not None else default_target_modules(model_type)
 
 
-def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+def head_modules(model: PreTrainedModel, task: str) -> list[str]:
     """Top-level modules of a classifier's task head (trained in full); none for a causal LM."""
     if task != "sequence-classification":
         return []
     return [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
 
 
-def check_targets(model: torch.nn.Module, targets: list[str] | str, path: str) -> None:
+def check_targets(model: PreTrainedModel, targets: list[str] | str, path: str) -> None:
     """Every named target must be a module of the model (matched as peft does: by name suffix), before
     any worker starts. Why here: peft's own error comes from every worker, after Ray started."""
     if isinstance(targets, str):
@@ -84,16 +87,17 @@ def auto_class(task: str) -> Any:
     return auto_model_class(task)
 
 
-def peft_config(lora: LoraSection, model: torch.nn.Module, task: str) -> Any:
+def peft_config(lora: LoraSection, model: PreTrainedModel, task: str) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft's stub says int; any number scales
+                      lora_dropout=lora.dropout,
                       target_modules=target_modules(lora, model.config.model_type),
                       modules_to_save=head_modules(model, task) or None,
                       task_type={"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(task))
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSection, task: str, path: str, checkpointing: bool = False) -> Any:
+def apply_lora(model: PreTrainedModel, lora: LoraSection, task: str, path: str, checkpointing: bool = False) -> Any:
     """The model wrapped as a peft model: base frozen, adapters and the classifier head trainable."""
     from peft import get_peft_model
 
@@ -106,15 +110,16 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection, task: str, path: str, 
     return wrapped
 
 
-def encoder_lora_config(lora: LoraSection, encoder: torch.nn.Module) -> Any:
+def encoder_lora_config(lora: LoraSection, encoder: PreTrainedModel) -> Any:
     """peft's config for adapters on a bare encoder (no task type, no head to save)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft's stub says int; any number scales
+                      lora_dropout=lora.dropout,
                       target_modules=target_modules(lora, encoder.config.model_type))
 
 
-def adapt_encoder(encoder: torch.nn.Module, lora: LoraSection, path: str, checkpointing: bool = False) -> Any:
+def adapt_encoder(encoder: PreTrainedModel, lora: LoraSection, path: str, checkpointing: bool = False) -> Any:
     """In place: adapters injected into ``encoder``'s target layers, its base weights frozen; returns the
     peft config (what ``merged_task_model`` needs to rebuild the same layers). Why peft's ``LoraModel``
     on the encoder rather than ``get_peft_model`` on a whole model: a multi-task model's encoder is
@@ -169,13 +174,13 @@ def merged_model(trained: Any, state_dict: dict[str, torch.Tensor], task: str) -
     return wrapped.merge_and_unload()
 
 
-def _is_tied(key: str, model: torch.nn.Module) -> bool:
+def _is_tied(key: str, model: PreTrainedModel) -> bool:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     names = tied.keys() if isinstance(tied, dict) else tied
     return any(key.endswith(n) for n in names)
 
 
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+def parameter_counts(model: PreTrainedModel) -> tuple[int, int]:
     """(all, trainable) parameters; under ZeRO-3 a parameter's full size is ``ds_numel`` (its local
     tensor is a partition or empty)."""
     total = trainable = 0
