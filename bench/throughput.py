@@ -184,9 +184,8 @@ class FtdistContender:
 
     def __init__(self, name: str, overrides: list[str], ctx: Ctx) -> None:
         from ftdist.config import load_config
-        from ftdist.engine import build_engine, init_distributed, resolve_precision
-        from ftdist.loop import Setup, pick_device
-        from ftdist.modeling import load_model
+        from ftdist.engine import init_distributed, resolve_precision
+        from ftdist.loop import Setup, pick_device, setup_model
         from ftdist.session import LocalSession, init_single_process_group
 
         a = ctx.args
@@ -221,20 +220,15 @@ class FtdistContender:
         init_single_process_group(device.type)
         init_distributed(device.type)
         precision = resolve_precision(cfg, device.type)
-        torch.manual_seed(a.seed)
-        model = load_model(cfg.model, NUM_LABELS if ctx.spec.task == CLS else None, None, ctx.pad_id)
-        self.n_params = sum(p.numel() for p in model.parameters())
-        model.to(device)
-        with _adamw_impl(lever.get("bench.optim")):
-            engine, _ = build_engine(cfg, model, max(1, a.rounds * (a.steps + a.warmup)), precision)
+        with _adamw_impl(lever.get("bench.optim")):  # the loop's own model setup (load, place, engine)
+            built = setup_model(cfg, device, precision, ctx.pad_id, NUM_LABELS if ctx.spec.task == CLS else None,
+                                None, max(1, a.rounds * (a.steps + a.warmup)))
+        engine, self.n_params = built.engine, built.n_params
         if _bool(lever.get("bench.ws1_allreduce", "false")):
             engine.enable_backward_allreduce = True
         if _bool(lever.get("bench.torch_clip", "false")):
             engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(
                 engine.module.parameters(), engine.gradient_clipping())
-        engine.train()  # as ftdist.loop.setup does (from_pretrained hands the model over in eval mode)
-        if cfg.train.compile:
-            engine.compile()
         self.s = Setup(cfg, LocalSession(os.path.join(ctx.work, f"ckpt-{name}")), device, precision, None, {},
                        NUM_LABELS, None, self.n_params, engine, None, 0)
         self.k, self.samples, self.tokens = 0, 0.0, 0.0
@@ -287,11 +281,11 @@ class FtdistContender:
         return since(t0)
 
     def close(self) -> None:
-        from ftdist.loop import _teardown
+        from ftdist.loop import teardown
 
         if self.tracker is not None:
             self.tracker.close({})
-        _teardown(self.s)
+        teardown(self.s)
 
 
 @contextlib.contextmanager
@@ -564,7 +558,7 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
     """Same loop step, three ways of batching the demo's real data (see the module docstring)."""
     from ftdist.config import load_config
     from ftdist.data.collate import collate, pad_to_length
-    from ftdist.loop import _reader, _teardown, setup, train_step
+    from ftdist.loop import setup, split_reader, teardown, train_step
     from ftdist.session import LocalSession, init_single_process_group
 
     cfg = load_config(args.config, ["scaling.num_workers=1", f"storage.path={work}/runs", "train.warmup_ratio=0",
@@ -577,9 +571,9 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
     flat_cfg = cfg.model_copy(deep=True)
     flat_cfg.data.length_bucketing = False
     variants = {
-        "bucketing": (_reader(cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
-        "dynamic": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
-        "max_length": (_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), True),
+        "bucketing": (split_reader(cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
+        "dynamic": (split_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), False),
+        "max_length": (split_reader(flat_cfg, s.session, "train", s.manifests["train"], shuffle=True, tokenizer=s.tokenizer), True),
     }
     assert variants["bucketing"][0].length_bucketing and not variants["dynamic"][0].length_bucketing
 
@@ -621,7 +615,7 @@ def run_padding(args: argparse.Namespace, work: str) -> dict[str, Any]:
             reader_ms[name].append((time.perf_counter() - t_all - t_steps) / max(n_batches, 1) * 1e3)
             print(f"[bench] round {r + 1}/{args.rounds} {name}: {n_s / t_steps:.1f} samples/s, {n_s / c_steps:.1f} "
                   f"samples per CPU-second ({len(st['time']) - n_before} steps)", file=sys.stderr)
-    _teardown(s)
+    teardown(s)
     out = []
     for name, st in stats.items():
         T, C = sum(st["time"]), sum(st["cpu"])

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-text", action="store_true",
                    help="store raw text, not token ids: workers tokenize on the fly with the model's tokenizer")
     p.add_argument("--keep-text", action="store_true", help="store the raw text next to the token ids")
+    p.add_argument("--pack", action="store_true",
+                   help="causal-lm/masked-lm: concatenate documents and cut max_length blocks (no padding)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set at --output")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return parser
@@ -215,7 +217,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         spec = PrepareSection(input=args.input, format=args.format, text_field=args.text_field,
                               label_field=args.label_field if args.task == "sequence-classification" else None,
                               split=split, rows_per_shard=args.rows_per_shard, encoding=args.encoding,
-                              limit=args.limit, tokenize=not args.raw_text, keep_text=args.keep_text)
+                              limit=args.limit, tokenize=not args.raw_text, keep_text=args.keep_text,
+                              pack=args.pack)
         cfg = StorageSection(endpoint_url=args.endpoint_url)
     except ValidationError as e:  # a check above is missing: still one line naming the flag
         err = e.errors()[0]

@@ -108,11 +108,21 @@ class PrepareSection(Section):
     tokenize: bool = Field(True, description="false: shards hold raw text; workers tokenize on the fly "
                                              "with the model's tokenizer and data.max_length")
     keep_text: bool = Field(False, description="also store the raw text next to the token ids")
+    pack: bool = Field(False, description="causal-lm/masked-lm: concatenate the tokenized documents (each ending "
+                                          "with its separator/EOS) and cut them into max_length blocks, no padding")
+
+
+class ReplaySection(Section):
+    """Earlier data sets whose training batches are mixed into this run's epochs (ftdist/data/replay.py)."""
+
+    paths: list[str] = Field(..., min_length=1, description="prepared data sets (their train/ splits are replayed)")
+    fraction: float = Field(0.2, gt=0, lt=1, description="share of each epoch's batches that are replayed")
 
 
 class DataSection(Section):
     path: str = Field(..., description="prepared data set prefix holding train/ validation/ test/")
     prepare: PrepareSection | None = None
+    replay: ReplaySection | None = Field(None, description="mix earlier data sets' training batches into each epoch")
     max_length: int = Field(128, ge=8)
     shuffle_buffer: int = Field(4096, ge=1)
     prefetch_shards: int = Field(2, ge=0)
@@ -145,11 +155,23 @@ class TrainSection(Section):
         None, description="weighted cross-entropy: 'balanced' (from the train split's label counts) or one "
                           "weight per class")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked-lm: share of tokens masked per batch")
+    freeze: list[str] = Field(default_factory=list, description="parts not trained: embeddings, layers:N, layers:A-B "
+                                                                "(blocks from 0, both ends included)")
+    l2sp: float | None = Field(None, gt=0, description="L2-SP: before each optimizer step the trained non-head weights "
+                                                       "move lr*l2sp of the way back to w0, the weights of model.path")
 
     @model_validator(mode="after")
     def _weights(self) -> "TrainSection":
         if isinstance(self.class_weights, list) and not all(w > 0 for w in self.class_weights):
             raise ValueError("train.class_weights must be positive numbers, one per class (or 'balanced')")
+        return self
+
+    @model_validator(mode="after")
+    def _freeze(self) -> "TrainSection":
+        from ftdist.freezing import parse_freeze
+
+        for name in self.freeze:
+            parse_freeze(name)
         return self
 
 
@@ -290,9 +312,9 @@ class RunConfig(Section):
         if self.model.label_names or self.model.num_labels:
             raise ValueError("model.label_names/num_labels do not apply to a multi-task run; "
                              "set tasks[].label_names per task")
-        if self.model.lora is not None:
-            raise ValueError("model.lora with tasks: is not built yet (adapters on the shared encoder); "
-                             "remove model.lora for a multi-task run, or train one task with LoRA")
+        if self.model.lora is not None and self.model.lora.export == "adapter":
+            raise ValueError("model.lora.export: adapter is not built for a multi-task run (its tasks export "
+                             "merged models); use export: merged, or remove it")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name == "multitask":
@@ -300,6 +322,24 @@ class RunConfig(Section):
             if t.name in seen:
                 raise ValueError(f"tasks: two tasks are named '{t.name}'; give each task its own name")
             seen.add(t.name)
+        return self
+
+    @model_validator(mode="after")
+    def _mitigations(self) -> "RunConfig":
+        # train.freeze / train.l2sp act on the weights a full fine-tuning run trains (README: Continual learning).
+        if self.model.lora is not None and (self.train.freeze or self.train.l2sp):
+            raise ValueError("train.freeze / train.l2sp with model.lora: LoRA already keeps every base weight frozen; "
+                             "remove train.freeze/train.l2sp (or model.lora)")
+        if self.tasks is not None and (self.train.freeze or self.train.l2sp or self.data.replay):
+            raise ValueError("train.freeze / train.l2sp / data.replay with tasks: is not built yet; remove them for a "
+                             "multi-task run")
+        if self.train.l2sp and self.train.l2sp * self.train.learning_rate >= 1:
+            raise ValueError(f"train.l2sp {self.train.l2sp} x train.learning_rate {self.train.learning_rate} must be "
+                             f"below 1 (each step moves that share of the way back to the starting weights); "
+                             f"lower train.l2sp")
+        if self.train.l2sp and self.train.precision == "fp16":
+            raise ValueError("train.l2sp with train.precision fp16: a step fp16's loss scale skips would still be "
+                             "pulled; use bf16 or fp32")
         return self
 
     @model_validator(mode="after")
@@ -439,6 +479,8 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.data.path = fix(cfg.data.path)  # type: ignore[assignment]
     if cfg.data.prepare is not None:
         cfg.data.prepare.input = fix(cfg.data.prepare.input)  # type: ignore[assignment]
+    if cfg.data.replay is not None:
+        cfg.data.replay.paths = [fix(p) or p for p in cfg.data.replay.paths]
     cfg.storage.path = fix(cfg.storage.path)  # type: ignore[assignment]
     for t in cfg.tasks or []:
         t.data.path = fix(t.data.path)  # type: ignore[assignment]

@@ -36,8 +36,11 @@ from ftdist.data.collate import collate
 from ftdist.data.manifest import Manifest, check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.masking import EVAL_KEYS, Masker
 from ftdist.data.reader import ShardReader
+from ftdist.data.replay import ReplayMix, replay_manifests
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, init_distributed,
                            memory_levers, optimizer_state_bytes, reapply_hyperparameters, resolve_precision)
+from ftdist.freezing import apply_freeze
+from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
 from ftdist.evaluation import all_reduce_sum, evaluate_batches
@@ -62,13 +65,14 @@ class Setup:
     label_names: list[str] | None
     n_params: int
     engine: Any
-    train_reader: ShardReader
+    train_reader: ShardReader | ReplayMix
     steps_per_epoch: int
     optimizer_steps: int = 0  # the whole run's, as planned for the LR schedule
     class_weights: torch.Tensor | None = None  # train.class_weights resolved: weighted cross-entropy
     grad_norm: torch.Tensor | None = None  # ZeRO-0: the last measured gradient norm, still on the device
     n_trainable: int = 0  # parameters the optimizer updates (all of them unless model.lora)
     masker: Masker | None = None  # model.task masked-lm: masks each collated batch
+    l2sp: L2SP | None = None  # train.l2sp: the pull toward the run's starting weights
 
 
 @dataclass(frozen=True)
@@ -140,47 +144,96 @@ def start_worker(cfg: RunConfig, session: Session) -> tuple[torch.device, Precis
     return device, precision, tok
 
 
-def setup(cfg: RunConfig, session: Session) -> Setup:
-    from ftdist.modeling import load_model
+@dataclass
+class DataSetup:
+    """The data side of a run: the splits' manifests (checked against the model and tokenizer), the
+    labels they name, and this rank's training reader with the batches per epoch it plans."""
 
-    device, precision, tok = start_worker(cfg, session)
+    manifests: dict[str, Manifest]
+    num_labels: int | None
+    label_names: list[str] | None
+    train_reader: ShardReader | ReplayMix
+    steps_per_epoch: int
+
+
+@dataclass
+class ModelSetup:
+    """The model side of a run: the DeepSpeed engine (model, optimizer, LR schedule) and its sizes."""
+
+    engine: Any
+    n_params: int
+    n_trainable: int
+    l2sp: L2SP | None = None  # train.l2sp: the pull toward the weights the run started from
+
+
+def setup_data(cfg: RunConfig, session: Session, tokenizer: Any) -> DataSetup:
+    """Manifests of every split (compatible with the task and tokenizer) and the training reader."""
     manifests = {s: load_manifest(split_uri(cfg, s), cfg.storage) for s in ("train", "validation", "test")}
     num_labels = cfg.model.num_labels or manifests["train"].num_labels
     label_names = cfg.model.label_names or manifests["train"].label_names
-    fp = tokenizer_fingerprint(tok)
+    fp = tokenizer_fingerprint(tokenizer)
     for s, m in manifests.items():
         check_compatible(m, split_uri(cfg, s), cfg.model.task, num_labels, fp)
-    torch.manual_seed(cfg.run.seed)  # identical head initialisation on every rank
-    partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
-    model = load_model(cfg.model, num_labels, label_names, tok.pad_token_id, cfg.storage,
-                       zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
-    n_params, n_trainable = parameter_counts(model)
-    seed_everything(cfg.run.seed + session.rank)
-    train_reader = _reader(cfg, session, "train", manifests["train"], shuffle=True, tokenizer=tok)
+    train_reader: ShardReader | ReplayMix = split_reader(cfg, session, "train", manifests["train"], shuffle=True,
+                                                         tokenizer=tokenizer)
+    if cfg.data.replay is not None:
+        replays = replay_manifests(cfg.data.replay, manifests["train"], cfg.model.task, num_labels, fp, cfg.storage)
+        train_reader = ReplayMix(train_reader, [split_reader(cfg, session, "train", m, shuffle=True, tokenizer=tokenizer,
+                                                             data_path=p) for p, m in zip(cfg.data.replay.paths, replays)],
+                                 cfg.data.replay.fraction, cfg.run.seed)
     steps = train_reader.num_batches()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    total = cfg.train.epochs * optimizer_steps_per_epoch(steps, cfg.train.gradient_accumulation_steps)
+    return DataSetup(manifests, num_labels, label_names, train_reader, steps)
+
+
+def setup_model(cfg: RunConfig, device: torch.device, precision: Precision, pad_token_id: int,
+                num_labels: int | None, label_names: list[str] | None, optimizer_steps: int) -> ModelSetup:
+    """The pre-trained model loaded (into ZeRO-3 partitions where configured) and wrapped by
+    DeepSpeed with an LR schedule planned for ``optimizer_steps``. The benchmark harness builds its
+    contender through this function too, so what it measures is what runs train."""
+    from ftdist.modeling import load_model
+
+    torch.manual_seed(cfg.run.seed)  # identical head initialisation on every rank
+    partitioned = cfg.deepspeed.zero_stage == 3  # built straight into ZeRO-3 partitions (modeling.load_model)
+    model = load_model(cfg.model, num_labels, label_names, pad_token_id, cfg.storage,
+                       zero3_config=deepspeed_config(cfg, precision) if partitioned else None)
+    if cfg.train.freeze:  # before DeepSpeed builds the optimizer: frozen weights get no gradient or Adam state
+        apply_freeze(model, cfg.train.freeze)
+    n_params, n_trainable = parameter_counts(model)
     if not partitioned:
         model.to(device)  # zero.Init already placed the partitions
-    engine, _ = build_engine(cfg, model, total, precision)
+    engine, _ = build_engine(cfg, model, optimizer_steps, precision)
+    # w0 now: the weights of model.path, before _train restores any checkpoint (a resumed run keeps the stage's start).
+    l2sp = L2SP(engine, cfg.train.l2sp, cfg.deepspeed.zero_stage) if cfg.train.l2sp else None
     engine.train()  # from_pretrained hands the model over in eval mode: dropout would stay off
     if cfg.train.compile:
         engine.compile()
-    weights = class_weights(cfg.train.class_weights, manifests["train"].label_counts, num_labels or 0)
-    return Setup(cfg, session, device, precision, tok, manifests, num_labels, label_names, n_params, engine,
-                 train_reader, steps, total,
+    return ModelSetup(engine, n_params, n_trainable, l2sp)
+
+
+def setup(cfg: RunConfig, session: Session) -> Setup:
+    """A worker's whole run state: worker start, then data (it sizes the LR schedule), then model."""
+    device, precision, tok = start_worker(cfg, session)
+    data = setup_data(cfg, session, tok)
+    total = cfg.train.epochs * optimizer_steps_per_epoch(data.steps_per_epoch, cfg.train.gradient_accumulation_steps)
+    model = setup_model(cfg, device, precision, tok.pad_token_id, data.num_labels, data.label_names, total)
+    seed_everything(cfg.run.seed + session.rank)  # dropout and masking differ per rank from here on
+    weights = class_weights(cfg.train.class_weights, data.manifests["train"].label_counts, data.num_labels or 0)
+    return Setup(cfg, session, device, precision, tok, data.manifests, data.num_labels, data.label_names,
+                 model.n_params, model.engine, data.train_reader, data.steps_per_epoch, total,
                  class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                 n_trainable=n_trainable,
+                 n_trainable=model.n_trainable, l2sp=model.l2sp,
                  masker=Masker(tok, cfg.train.mlm_probability, cfg.run.seed, cfg.model.path)
                  if cfg.model.task == "masked-lm" else None)
 
 
-def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
-            tokenizer: Any) -> ShardReader:
-    """This rank's reader for ``split``; the tokenizer is used only by raw-text data sets."""
+def split_reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, shuffle: bool,
+                 tokenizer: Any, data_path: str | None = None) -> ShardReader:
+    """This rank's reader for ``split`` (of ``data_path``, default ``data.path``); the tokenizer is used
+    only by raw-text data sets."""
     d = cfg.data
-    return ShardReader(split_uri(cfg, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
+    return ShardReader(join_uri(data_path or d.path, split), cfg.storage, session.rank, session.world_size, cfg.train.batch_size,
                        cfg.run.seed, shuffle=shuffle, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch_shards,
                        length_bucketing=d.length_bucketing and shuffle, manifest=manifest,
                        tokenizer=tokenizer, max_length=d.max_length)
@@ -234,6 +287,8 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     if measure_grad_norm and s.cfg.deepspeed.zero_stage == 0 and (window is None or window.last):
         s.grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in s.engine.module.parameters() if p.grad is not None])
+    if s.l2sp is not None and (window is None or window.last):
+        s.l2sp.pull()  # toward the run's starting weights, once per optimizer step, just before it
     s.engine.step()
     return loss.detach()
 
@@ -258,7 +313,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
     number of batches, which ZeRO-3's parameter gathering needs), the predictions if asked, and
     the summed confusion matrix (classification; per-class figures, plots and diagnoses use it).
     The pass itself is :func:`ftdist.evaluation.evaluate_batches` (the pipeline's evaluation too)."""
-    reader = _reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
+    reader = split_reader(s.cfg, s.session, split, s.manifests[split], shuffle=False, tokenizer=s.tokenizer)
     s.engine.eval()
     try:
         # masked LM: the same tokens every pass (validation losses compare models, not draws)
@@ -287,7 +342,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any] | None:
         tracker.close({}, failed=True)  # what was recorded up to a failure (a diverged loss) stays readable
         raise
     finally:
-        _teardown(s)
+        teardown(s)
 
 
 def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
@@ -305,6 +360,10 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
     S, gas = s.steps_per_epoch, cfg.train.gradient_accumulation_steps
     _log(s, f"{session.world_size} worker(s) on {s.device.type}, {s.precision.name}, ZeRO-{cfg.deepspeed.zero_stage}; "
             f"{s.manifests['train'].num_rows} training rows, {S} batches/epoch of <= {cfg.train.batch_size} per worker")
+    if isinstance(s.train_reader, ReplayMix) and cfg.data.replay is not None:
+        mix, rp = s.train_reader, cfg.data.replay
+        _log(s, f"replay: {sum(mix.counts)} of the {mix.num_batches()} batches/epoch from {', '.join(rp.paths)} "
+                f"({', '.join(map(str, mix.counts))}; data.replay.fraction {rp.fraction})")
     progress = Progress(cfg.train.epochs, S, live=None if session.rank == 0 else False)
     log_every = cfg.train.log_every_steps
     tracked = cfg.tracking.tensorboard or cfg.tracking.mlflow is not None  # the gradient norm is for trackers
@@ -445,7 +504,7 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     return result
 
 
-def _teardown(s: Setup) -> None:
+def teardown(s: Setup) -> None:
     """Free the engine before the process exits: without this ZeRO-3 aborted at exit in ~1/3 of runs."""
     with contextlib.suppress(Exception):
         s.engine.destroy()

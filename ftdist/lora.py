@@ -6,6 +6,8 @@ state would not fit a worker trains with its weights alone in memory.
 
 The task head of a classifier is new (random) and is trained in full (peft's ``modules_to_save``);
 a causal LM's head is the pre-trained output embedding and stays frozen like the rest of the base.
+A multi-task model (``ftdist.multitask.model``) gets its adapters on the shared encoder alone
+(``adapt_encoder``): its heads live outside the adapted module, so they train in full as they are.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def check_targets(model: torch.nn.Module, targets: list[str] | str, path: str) -
                             f"adaptable layers are named {', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''}")
 
 
-def check_lora_config(m: Any, local_path: str) -> None:
+def check_lora_config(m: Any, local_path: str, shared_encoder: bool = False) -> None:
     """Driver-side check of ``model.lora`` against the model's architecture, built on the meta device
-    (no weights read, no memory), so a bad target fails in one line before training."""
+    (no weights read, no memory), so a bad target fails in one line before training. ``shared_encoder``
+    (multi-task): the targets must be modules of the encoder, where the adapters go."""
     if m.lora is None:
         return
     from transformers import AutoConfig
@@ -70,6 +73,8 @@ def check_lora_config(m: Any, local_path: str) -> None:
     config = AutoConfig.from_pretrained(local_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     with torch.device("meta"):
         skeleton = auto_class(m.task).from_config(config, trust_remote_code=m.trust_remote_code)
+    if shared_encoder:
+        skeleton = getattr(skeleton, skeleton.base_model_prefix)
     check_targets(skeleton, target_modules(m.lora, config.model_type), m.path)
 
 
@@ -99,6 +104,43 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection, task: str, path: str, 
         # grad, or the adapters inside the blocks get none (peft's documented recipe).
         wrapped.enable_input_require_grads()
     return wrapped
+
+
+def encoder_lora_config(lora: LoraSection, encoder: torch.nn.Module) -> Any:
+    """peft's config for adapters on a bare encoder (no task type, no head to save)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=target_modules(lora, encoder.config.model_type))
+
+
+def adapt_encoder(encoder: torch.nn.Module, lora: LoraSection, path: str, checkpointing: bool = False) -> Any:
+    """In place: adapters injected into ``encoder``'s target layers, its base weights frozen; returns the
+    peft config (what ``merged_task_model`` needs to rebuild the same layers). Why peft's ``LoraModel``
+    on the encoder rather than ``get_peft_model`` on a whole model: a multi-task model's encoder is
+    shared by several heads; the adapters belong to the encoder, and each head (outside it) keeps
+    every weight trainable, as ``modules_to_save`` does for a single-task head."""
+    from peft import LoraModel
+
+    check_targets(encoder, target_modules(lora, encoder.config.model_type), path)
+    config = encoder_lora_config(lora, encoder)
+    LoraModel(encoder, config, "default")  # injects the adapters into encoder's modules and freezes the rest
+    if checkpointing:
+        encoder.enable_input_require_grads()  # see apply_lora
+    return config
+
+
+def merged_task_model(task_config: Any, lora_config: Any, prefix: str, state_dict: dict[str, torch.Tensor]) -> Any:
+    """A plain ``AutoModelForSequenceClassification`` from a multi-task model's task state dict (encoder
+    with adapters under ``<prefix>.``, the head's weights): the same adapters rebuilt on a fresh CPU
+    model, the weights loaded strictly, the adapters folded into the encoder's weights."""
+    from peft import LoraModel
+
+    fresh = auto_class("sequence-classification").from_config(task_config)
+    tuner = LoraModel(getattr(fresh, prefix), lora_config, "default")
+    fresh.load_state_dict(state_dict, strict=True)
+    setattr(fresh, prefix, tuner.merge_and_unload())
+    return fresh
 
 
 def is_lora(model: Any) -> bool:

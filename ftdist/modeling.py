@@ -218,11 +218,20 @@ def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(local, output_loading_info=True, **kw)
+        # A classifier continued from another classifier's export (a sequence of tasks) finds a head of
+        # another size there: that head starts new, as from a pre-trained model; any other mismatch is refused.
+        model, info = cls.from_pretrained(local, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    mismatched = [str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or []]
+    wrong = [k for k in mismatched if k.split(".")[0] not in TASK_HEADS]
+    if wrong:
+        raise ValueError(f"the checkpoint's {wrong[0]} has another shape than this model's (the config and the weights "
+                         f"of {local} disagree)")
+    if mismatched:
+        log.info("task head of another size in the checkpoint, initialised new: %s", ", ".join(mismatched))
     missing = sorted(info.get("missing_keys") or [])
     # BERT's pooler is trained only by next-sentence prediction or a classification head: a masked-LM
     # export (domain-adaptive pre-training, then the task) has none, and the classifier trains it.

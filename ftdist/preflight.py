@@ -58,7 +58,10 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
 
     from ftdist.lora import check_lora_config
 
+    from ftdist.freezing import check_freeze
+
     check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage))
+    check_freeze(cfg.model, cfg.train.freeze, resolve_model_path(cfg.model.path, cfg.storage))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision,
                          cfg.storage)
     fp = tokenizer_fingerprint(tok)
@@ -72,6 +75,13 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         if m.num_rows < cfg.scaling.num_workers:
             raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
                             f"{cfg.scaling.num_workers}; use fewer workers or more data")
+    if cfg.data.replay is not None:
+        from ftdist.data.replay import replay_manifests
+
+        for path, m in zip(cfg.data.replay.paths, replay_manifests(
+                cfg.data.replay, manifests["train"], cfg.model.task, cfg.model.num_labels or manifests["train"].num_labels,
+                fp, cfg.storage)):
+            check_shards_present(m, join_uri(path, "train"), cfg.storage)
     if cfg.model.task == "sequence-classification":  # a weight list that does not fit the data set: one line now
         class_weights(cfg.train.class_weights, manifests["train"].label_counts,
                       cfg.model.num_labels or manifests["train"].num_labels or 0)

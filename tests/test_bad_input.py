@@ -37,8 +37,9 @@ def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data, s3_server):
     (root / "int-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
     (root / "fraction-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n')
     gpt_ds = prepare_local(raw, root / "gpt-tok-ds", tiny_gpt, label_names=["negative", "neutral", "positive"])
+    four = prepare_local(raw, root / "four-labels-ds", tiny_bert, label_names=["negative", "neutral", "positive", "mixed"])
     return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
-            "gpt_ds": gpt_ds, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
+            "gpt_ds": gpt_ds, "four": four, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
 
 
 def _cfg(w, **sections) -> dict:
@@ -101,6 +102,19 @@ CASES = {
     "lora-unknown-target": (lambda w: ["train", _write(w, _cfg(w, model={"lora": {"target_modules": ["qkv"]}}))],
                             "model.lora.target_modules: 'qkv' is not a module of model"),
     "lora-rank-zero": (lambda w: ["train", _write(w, _cfg(w, model={"lora": {"r": 0}}))], "'model.lora.r'"),
+    "freeze-unknown-part": (lambda w: train(w, train={"freeze": ["encoder"]}), "train.freeze: 'encoder' is not a part name"),
+    "freeze-block-beyond-model": (lambda w: train(w, train={"freeze": ["layers:1-5"]}),
+                                  "train.freeze: 'layers:1-5' asks for block 5 but the model has 2 blocks"),
+    "freeze-with-lora": (lambda w: train(w, train={"freeze": ["embeddings"]}, model={"lora": {}}),
+                         "LoRA already keeps every base weight frozen"),
+    "l2sp-too-strong": (lambda w: train(w, train={"l2sp": 500}), "train.l2sp 500.0 x train.learning_rate 0.01 must be below 1"),
+    "l2sp-negative": (lambda w: train(w, train={"l2sp": -1}), "'train.l2sp'"),
+    "replay-other-labels": (lambda w: train(w, data={"replay": {"paths": [w["four"]]}}, model={"num_labels": 4}),
+                            "replaying other labels needs a head per task: list both data sets under tasks:"),
+    "replay-missing-data-set": (lambda w: train(w, data={"replay": {"paths": [str(w["root"] / "nope")]}}),
+                                "does not exist or is empty"),
+    "replay-fraction-one": (lambda w: train(w, data={"replay": {"paths": [w["ds"]], "fraction": 1}}),
+                            "'data.replay.fraction'"),
     "config-missing-file": (lambda w: ["train", str(w["root"] / "nope.yaml")], "not found"),
     "config-is-directory": (lambda w: ["train", str(w["root"])], "is a directory"),
     "config-invalid-yaml": (lambda w: ["train", _raw(w, "model: [oops\n")], "not valid YAML"),
@@ -149,6 +163,7 @@ CASES = {
                                "label 1.5 is not a whole number"),
     "prepare-no-tokenizer": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", str(w["root"] / "t")],
                              "pass --model (or --raw-text"),
+    "prepare-pack-classification": (lambda w: prep(w, "--pack"), "--pack (data.prepare.pack) packs unlabelled text"),
     "prepare-output-exists": (lambda w: ["data", "prepare", "--input", w["raw"], "--output", w["ds"], "--model", w["bert"]],
                               "already holds a data set"),
     # --- storage

@@ -114,3 +114,36 @@ def test_asha_replay_runs_rays_rung_rule_over_fifo_curves(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bench.asha_replay", str(sweep)], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "needs a fifo one" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_forgetting_scores_an_encoder_under_another_exports_head(tiny_bert, cls_data, tmp_path):
+    """bench/forgetting.py's "A after B": the encoder of one export under the head and pooler of another.
+    An export whose encoder is A's (only its head and pooler differ) scores exactly as A; moving the
+    encoder changes the score."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench.forgetting import logits, score
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+        with torch.no_grad():
+            a.classifier.weight.normal_(0, 2.0)  # a head that predicts more than one class
+        b = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        b.bert.load_state_dict(a.bert.state_dict())
+        with torch.no_grad():
+            b.bert.pooler.dense.weight.add_(1.0)  # the pooler belongs to the head: A's is used
+    for m, d in ((a, "a"), (b, "b")):
+        m.save_pretrained(tmp_path / d)
+        tok.save_pretrained(tmp_path / d)
+    own, _ = logits(str(tmp_path / "a"), str(tmp_path / "a"), cls_data)
+    assert torch.equal(logits(str(tmp_path / "b"), str(tmp_path / "a"), cls_data)[0], own)
+    assert score(str(tmp_path / "b"), str(tmp_path / "a"), cls_data) == score(str(tmp_path / "a"), str(tmp_path / "a"),
+                                                                              cls_data)
+    with torch.no_grad():
+        b.bert.encoder.layer[1].output.dense.weight.mul_(-3.0)
+    b.save_pretrained(tmp_path / "b")
+    moved, _ = logits(str(tmp_path / "b"), str(tmp_path / "a"), cls_data)
+    assert moved.shape == own.shape and not torch.allclose(moved, own)

@@ -60,7 +60,7 @@ def test_the_loop_steps_on_the_weighted_cross_entropy(no_dropout_bert, imbalance
     import torch.nn.functional as F
 
     from ftdist.data.collate import collate
-    from ftdist.loop import _teardown, setup, train_step
+    from ftdist.loop import setup, teardown, train_step
     from ftdist.session import LocalSession
 
     data, counts = imbalanced_data
@@ -80,7 +80,7 @@ def test_the_loop_steps_on_the_weighted_cross_entropy(no_dropout_bert, imbalance
         assert abs(weighted - out.loss.item()) > 1e-3, "the batch must tell the weighted and plain losses apart"
         assert train_step(s, batch).item() == pytest.approx(weighted, rel=1e-5)
     finally:
-        _teardown(s)
+        teardown(s)
 
 
 @pytest.mark.slow

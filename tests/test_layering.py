@@ -99,3 +99,18 @@ def test_every_name_is_imported_from_its_home_module():
                 offenders += [f"{p.relative_to(ROOT.parent)}: {node.module}.{a.name}" for a in node.names
                               if a.name not in home and a.name not in submodules]
     assert not offenders, offenders
+
+
+def test_the_benchmark_builds_ftdist_through_the_loops_setup():
+    """bench/throughput.py measures ftdist's step; if it loaded the model or built the engine itself,
+    a change to the loop's setup (a new lever, an order of calls) would silently not be measured."""
+    source = (ROOT.parent / "bench" / "throughput.py").read_text()
+    called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+              for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)}
+    assert not called & {"load_model", "build_engine"}, called & {"load_model", "build_engine"}
+    assert {"setup", "setup_model"} <= called
+
+
+def test_every_module_states_its_job_in_a_docstring():
+    missing = [str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py")) if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing

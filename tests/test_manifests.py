@@ -189,7 +189,8 @@ def test_renderer_matches_kubectl_kustomize(build: str, rendered: dict[str, list
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_expected_objects(build: str, rendered: dict[str, list[Obj]]) -> None:
     assert sorted(key(o) for o in rendered[build]) == [
-        ("ConfigMap", CONFIGMAP), ("RayCluster", "ftdist"), ("RayJob", "ftdist-pipeline"), ("RayJob", "ftdist-sweep"),
+        ("ConfigMap", CONFIGMAP), ("RayCluster", "ftdist"), ("RayJob", "ftdist-multitask"), ("RayJob", "ftdist-pipeline"),
+        ("RayJob", "ftdist-sweep"),
         ("RayJob", "ftdist-train"), ("ServiceAccount", "ftdist")]
 
 
@@ -286,7 +287,7 @@ def crd_schemas() -> dict[str, Obj]:
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_ray_objects_match_crd_schema(build: str, rendered: dict[str, list[Obj]], crd_schemas: dict[str, Obj]) -> None:
     ray_objs = [o for o in rendered[build] if o["kind"] in crd_schemas]
-    assert len(ray_objs) == 4  # RayCluster + RayJobs train, sweep, pipeline
+    assert len(ray_objs) == 5  # RayCluster ftdist, RayJobs train, sweep, multitask, pipeline
     for o in ray_objs:
         assert o["apiVersion"] == "ray.io/v1"
         assert schema_errors(o, crd_schemas[o["kind"]], f"{o['kind']}/{o['metadata']['name']}") == []
@@ -475,6 +476,10 @@ def test_configmap_holds_valid_ftdist_configs(build: str, rendered: dict[str, li
 
     rs = resolve_sweep(load_sweep_spec(data=sweep), base_raw=train)
     assert rs.metric == "val_accuracy" and rs.sweep_uri.startswith("s3://")
+    # the multi-task RayJob's config: tasks on S3 data, sized like train.yaml for this build's cluster
+    multi = load_config(data=yaml.safe_load(one(rendered[build], "ConfigMap", CONFIGMAP)["data"]["multitask.yaml"]))
+    assert multi.tasks and len(multi.tasks) >= 2 and all(t.data.path.startswith("s3://") for t in multi.tasks)
+    assert multi.storage.path.startswith("s3://") and multi.scaling == cfg.scaling
 
 
 @pytest.mark.parametrize("build", list(BUILDS))

@@ -42,13 +42,21 @@ CASES = {
     "bad-name": (lambda d: [{"name": "a b", "data": {"path": d["cls"]}}], "tasks.0.name"),
     "missing-data": (lambda d: [{"name": "a", "data": {"path": d["root"] + "/nope"}}], "does not exist"),
     "zero-weight": (lambda d: [{"name": "a", "data": {"path": d["cls"]}, "loss_weight": 0}], "tasks.0.loss_weight"),
+    # LoRA goes into the shared encoder: a target outside it (the head) is refused, as is an adapter export
+    "lora-target-outside-encoder": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
+                                    "model.lora.target_modules: 'classifier' is not a module",
+                                    {"lora": {"target_modules": ["classifier"]}}),
+    "lora-adapter-export": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
+                            "model.lora.export: adapter is not built for a multi-task run",
+                            {"lora": {"export": "adapter"}}),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_multitask_config_is_one_line_exit_2_before_training(name, tiny_bert, cls_data, clm_data, tmp_path, capsys):
-    tasks, fragment = CASES[name]
+    tasks, fragment, *model = CASES[name]
     raw = mt_config(tiny_bert, tasks({"cls": cls_data, "clm": clm_data, "root": str(tmp_path)}), tmp_path)
+    raw["model"].update(*model)
     code, lines = run_cli(raw, tmp_path, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ftdist: error:"), lines
     assert fragment in lines[0], lines[0]
@@ -111,11 +119,22 @@ def test_a_tasks_loss_weight_can_be_set_and_swept_by_its_dotted_index(tiny_bert,
         load_config(data=raw, overrides=["tasks.0.loss_weigth=0.5"])
 
 
-def test_lora_with_tasks_is_refused_in_one_line_before_training(tiny_bert, cls_data, tmp_path, capsys):
-    """LoRA on the shared encoder of a multi-task model is not built: say so before training, rather
-    than wrap each task's model in its own adapters (heads would no longer share one encoder)."""
-    raw = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}}], tmp_path)
-    raw["model"]["lora"] = {"r": 4}
-    code, lines = run_cli(raw, tmp_path, capsys)
-    assert code == 2 and len(lines) == 1 and "model.lora" in lines[0] and "tasks:" in lines[0], lines
-    assert not (tmp_path / "runs").exists()
+def test_a_sweep_samples_the_temperature_and_loss_weights_into_each_trials_config(tmp_path):
+    """The sweep spec names multitask.temperature and tasks.<i>.loss_weight; every trial's run config
+    carries its sampled values; a value the run schema refuses is refused before any trial, naming the key."""
+    from ftdist.errors import UserError
+    from ftdist.sweep.space import param_space
+    from ftdist.sweep.spec import load_sweep_spec, resolve_sweep, trial_config
+
+    base = mt_config("m", [{"name": "a", "data": {"path": "da"}}, {"name": "b", "data": {"path": "db"}}], tmp_path,
+                     multitask={"sampling": "temperature"})
+    space = {"multitask.temperature": {"uniform": [1.0, 5.0]}, "tasks.1.loss_weight": {"choice": [0.25, 2.0]}}
+    rs = resolve_sweep(load_sweep_spec(data={"name": "s", "base": {"config": base}, "space": space,
+                                             "storage_path": str(tmp_path)}))
+    assert set(param_space(rs.spec)) == set(space)
+    cfg = trial_config(rs, {"multitask.temperature": 3.5, "tasks.1.loss_weight": 0.25}, "trial_1")
+    assert cfg.multitask.temperature == 3.5 and [t.loss_weight for t in cfg.tasks] == [1.0, 0.25]
+    assert [t.name for t in cfg.tasks] == ["a", "b"] and cfg.eval_metric == "accuracy"
+    bad = {**space, "multitask.temperature": {"uniform": [0.5, 5.0]}}  # T < 1 is not a temperature the run takes
+    with pytest.raises(UserError, match="space 'multitask.temperature' value 0.5"):
+        resolve_sweep(load_sweep_spec(data={"name": "s", "base": {"config": base}, "space": bad}))

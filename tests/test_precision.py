@@ -49,7 +49,7 @@ def test_fp16_loss_scaling_keeps_small_gradients_from_underflowing(tiny_bert, cl
     """A loss of ~1e-6 has gradients below fp16's smallest subnormal (6e-8): computed in fp16 without
     loss scaling they flush to zero. With ftdist's fp16 (DeepSpeed's dynamic loss scale) they survive."""
     from ftdist.data.collate import collate
-    from ftdist.loop import _autocast, _teardown, _to_device, setup
+    from ftdist.loop import _autocast, _to_device, setup, teardown
 
     cfg = _config(tiny_bert, cls_data, str(tmp_path / "runs"), "fp16", gradient_accumulation_steps=2)
     s = setup(cfg, LocalSession(str(tmp_path / "ckpt")))
@@ -66,7 +66,7 @@ def test_fp16_loss_scaling_keeps_small_gradients_from_underflowing(tiny_bert, cl
         assert len(nonzero) / len(grads) > 0.75, f"{len(nonzero)}/{len(grads)} tensors got a nonzero gradient"
         assert "classifier.weight" in nonzero
     finally:
-        _teardown(s)
+        teardown(s)
 
 
 @pytest.mark.slow

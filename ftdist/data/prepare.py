@@ -10,6 +10,11 @@ With ``tokenize: false`` the shards hold the raw text instead of token ids and e
 its rows on the fly (in the reader's read-ahead thread), so one data set serves several models or
 max_lengths; ``keep_text: true`` stores the text next to the ids (for audits and error analysis).
 
+With ``pack: true`` (language-model tasks) each split's documents are tokenized whole, each ending with
+the tokenizer's separator/EOS, concatenated in the split's shuffled order and cut into rows of exactly
+``max_length`` tokens (the recipe of transformers' ``run_clm``/``run_mlm`` ``group_texts``): no
+padding and no truncation; only the split's last partial block (< ``max_length`` tokens) is dropped.
+
 Writes are atomic: each split is built in a local temp folder and published with its
 ``manifest.json`` last (local: folder rename), so a half-written data set is never read.
 """
@@ -144,6 +149,10 @@ class _SplitWriter:
     shards: list[ShardInfo] = field(default_factory=list)
     label_counts: dict[int, int] = field(default_factory=dict)
     full_lengths: list[int] = field(default_factory=list)  # tokens before truncation, per written row
+    pack: bool = False  # rows are max_length blocks of the concatenated documents
+    carry: list[int] = field(default_factory=list)  # packing: tokens waiting for the next block
+    blocks: int = 0  # packing: blocks written so far (their sample ids)
+    dropped_tokens: int = 0  # packing: the last partial block's tokens (set by close)
 
     def add(self, sample_id: int, text: str, label: int | None, tok: Any, max_length: int) -> None:
         self.ids.append(sample_id)
@@ -165,8 +174,15 @@ class _SplitWriter:
         if self.labels:
             self.labels = [self.labels[i] for i in rest]
 
+    def close(self, tok: Any, max_length: int) -> None:
+        self.flush(tok, max_length)
+        self.dropped_tokens, self.carry = len(self.carry), []
+
     def _write(self, idx: list[int], tok: Any, max_length: int) -> None:
         texts = [self.texts[i] for i in idx]
+        if self.pack:
+            self._write_blocks(pack_blocks(tok, texts, max_length, self.carry))
+            return
         cols: dict[str, pa.Array] = {"sample_id": pa.array([self.ids[i] for i in idx], pa.int64())}
         if self.tokenize:
             enc = tokenize(tok, texts, max_length)
@@ -177,12 +193,23 @@ class _SplitWriter:
             cols["text"] = pa.array(texts, pa.string())
         if self.labels:
             cols["label"] = pa.array([self.labels[i] for i in idx], pa.int64())
+        self._write_table(cols, len(idx))
+
+    def _write_blocks(self, blocks: list[list[int]]) -> None:
+        if not blocks:  # too few tokens yet for one block: they wait in carry
+            return
+        ids = list(range(self.blocks, self.blocks + len(blocks)))
+        self.blocks += len(blocks)
+        self._write_table({"sample_id": pa.array(ids, pa.int64()), "input_ids": pa.array(blocks, pa.list_(pa.int32())),
+                           "length": pa.array([len(b) for b in blocks], pa.int32())}, len(blocks))
+
+    def _write_table(self, cols: dict[str, pa.Array], rows: int) -> None:
         fname = f"part-{len(self.shards):05d}.parquet"
         path = os.path.join(self.out_dir, fname)
         pq.write_table(pa.table(cols), path, compression="zstd", row_group_size=4096)
         with open(path, "rb") as f:
             content = f.read()
-        self.shards.append(ShardInfo(file=fname, rows=len(idx), sha256=hashlib.sha256(content).hexdigest(),
+        self.shards.append(ShardInfo(file=fname, rows=rows, sha256=hashlib.sha256(content).hexdigest(),
                                      bytes=len(content)))
 
 
@@ -191,6 +218,23 @@ def tokenize(tok: Any, texts: list[str], max_length: int) -> list[list[int]]:
     Shared by ``prepare`` and the reader's on-the-fly path so both give identical ids."""
     return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True,
                return_attention_mask=False)["input_ids"]
+
+
+def pack_blocks(tok: Any, texts: list[str], max_length: int, carry: list[int]) -> list[list[int]]:
+    """Packing: ``texts`` tokenized whole (special tokens added; the separator/EOS appended where the
+    tokenizer adds none, as GPT-2's does not), appended to ``carry`` (the previous call's leftover
+    tokens; left holding this call's), and cut into blocks of exactly ``max_length`` tokens."""
+    ends = {t for t in (tok.sep_token_id, tok.eos_token_id) if t is not None}
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    for ids in tok(texts, truncation=False, add_special_tokens=True, return_attention_mask=False,
+                   verbose=False)["input_ids"]:
+        carry.extend(ids)
+        if eos is not None and (not ids or ids[-1] not in ends):
+            carry.append(eos)
+    n = len(carry) // max_length * max_length
+    blocks = [carry[i:i + max_length] for i in range(0, n, max_length)]
+    del carry[:n]
+    return blocks
 
 
 def untruncated_lengths(tok: Any, texts: list[str], enc: list[list[int]], max_length: int) -> list[int]:
@@ -276,6 +320,10 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     if existing and not overwrite:
         raise UserError(f"output '{redact_uri(output)}' already holds a data set ({', '.join(existing)}); "
                         f"choose another --output or pass --overwrite")
+    if spec.pack and (task == "sequence-classification" or not spec.tokenize or spec.keep_text):
+        raise UserError("--pack (data.prepare.pack) packs unlabelled text of --task causal-lm or masked-lm into "
+                        "tokenized max_length blocks; it cannot be combined with sequence-classification, --raw-text "
+                        "or --keep-text")
     if spec.tokenize and not tokenizer_path:
         raise UserError("tokenizing needs a tokenizer; pass --model (or --raw-text to tokenize on the fly)")
     tok = load_tokenizer(tokenizer_path, trust_remote_code=False) if spec.tokenize and tokenizer_path else None
@@ -306,7 +354,8 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
         for i, name in enumerate(SPLITS):
             os.makedirs(os.path.join(tmp, name))
             writers.append(_SplitWriter(name, os.path.join(tmp, name), spec.rows_per_shard,
-                                        np.random.default_rng([seed, i]), spec.tokenize, spec.keep_text))
+                                        np.random.default_rng([seed, i]), spec.tokenize, spec.keep_text,
+                                        pack=spec.pack))
         row = 0
         for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
             texts = batch.column(spec.text_field).to_pylist()
@@ -323,7 +372,10 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                 writers[split].add(sid, str(text), lab, tok, max_length)
         manifests = {}
         for w in writers:
-            w.flush(tok, max_length)
+            w.close(tok, max_length)
+            if w.dropped_tokens:
+                log.info("%s: packed into %d blocks of %d tokens; the last %d tokens (less than a block) are left out",
+                         w.name, w.blocks, max_length, w.dropped_tokens)
             n = sum(s.rows for s in w.shards)
             if n == 0 and w.name == "train":
                 raise UserError(f"the train split of '{redact_uri(spec.input)}' would be empty; use more rows or a "
@@ -334,7 +386,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                 tokenizer=tokenizer_fingerprint(tok) if spec.tokenize else None,
                 label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
-                token_lengths=length_stats(w.full_lengths, max_length) if spec.tokenize else None,
+                token_lengths=length_stats(w.full_lengths, max_length) if spec.tokenize and not spec.pack else None,
                 columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None),
                 source=redact_uri(spec.input), prepare=spec_record(spec, task, seed, max_length))
             with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:

@@ -4,10 +4,13 @@ Layout under ``<run>/model/``:
 
 - ``<task>/``      the shared encoder + that task's head, as ``AutoModelForSequenceClassification``
                    saves it (config with ``id2label``, safetensors, tokenizer, ``ftdist_export.json``);
-                   ``AutoModelForSequenceClassification.from_pretrained(<run>/model/<task>)`` loads it
+                   ``AutoModelForSequenceClassification.from_pretrained(<run>/model/<task>)`` loads it;
+                   with ``model.lora`` the encoder's adapters are merged into its weights (no peft needed)
 - ``multitask/``   every weight of the multi-head model in one safetensors file (``encoder.*``,
                    ``heads.<task>.*``) and ``multitask.json`` (tasks, labels, encoder prefix): the
-                   state a later stage continues from (``load_multitask_weights``)
+                   state a later stage continues from (``load_multitask_weights``); with ``model.lora``
+                   the encoder's keys are peft's (``base_layer``, ``lora_A``/``lora_B``) and ``multitask.json``
+                   holds the ``lora`` settings
 
 Each folder's ``ftdist_export.json`` is written last (complete-export marker, as ``ftdist.export``).
 """
@@ -24,6 +27,7 @@ from ftdist import storage
 from ftdist.config import RunConfig
 from ftdist.uri import join_uri
 from ftdist.export import EXPORT_MARKER, full_state_dict
+from ftdist.lora import merged_task_model
 from ftdist.multitask.model import task_state_dict
 from ftdist.redaction import redact
 
@@ -43,7 +47,12 @@ def export_multitask(engine: Any, cfg: RunConfig, tasks: list[Any], tokenizer: A
     base = {"run": cfg.run.name, "base_model": redact(cfg.model.path), **extra}
     for t in tasks:
         with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp, model.task_model(t.name) as hf:
-            hf.save_pretrained(tmp, state_dict=task_state_dict(full, model.prefix, t.name), safe_serialization=True)
+            weights = task_state_dict(full, model.prefix, t.name)
+            if model.lora_config is None:
+                hf.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            else:
+                merged_task_model(hf.config, model.lora_config, model.prefix, weights).save_pretrained(
+                    tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             _marker(tmp, {**base, "task": cfg.model.task, "multitask_task": t.name, "label_names": t.view.label_names})
             storage.upload_dir(tmp, uris[t.name], cfg.storage, last=EXPORT_MARKER)
@@ -52,7 +61,8 @@ def export_multitask(engine: Any, cfg: RunConfig, tasks: list[Any], tokenizer: A
     with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
         save_file(full, os.path.join(tmp, MULTIHEAD_WEIGHTS))
         info = {"prefix": model.prefix, "tasks": [{"name": t.name, "label_names": t.view.label_names,
-                                                   "loss_weight": t.spec.loss_weight} for t in tasks]}
+                                                   "loss_weight": t.spec.loss_weight} for t in tasks],
+                "lora": cfg.model.lora.model_dump() if cfg.model.lora else None}
         with open(os.path.join(tmp, MULTIHEAD_INFO), "w") as f:
             json.dump(info, f, indent=1)
         tokenizer.save_pretrained(tmp)

@@ -38,6 +38,7 @@ from ftdist.data.manifest import check_compatible, load_manifest, tokenizer_fing
 from ftdist.data.reader import ShardReader
 from ftdist.diagnoses import check_loss_finite
 from ftdist.engine import build_engine, reapply_hyperparameters
+from ftdist.lora import parameter_counts
 from ftdist.loop import (Setup, accumulation_window, evaluate, mid_epoch_checkpoint_due, optimizer_steps_per_epoch,
                          seed_everything, split_uri, start_worker, train_step)
 from ftdist.metrics import mfu, peak_tflops, per_class_metrics
@@ -91,10 +92,13 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
         names = spec.label_names or manifests["train"].label_names or []
         for s, m in manifests.items():
             check_compatible(m, split_uri(vcfg, s), TASK, len(names), fp)
-        models[spec.name] = load_model(vcfg.model, len(names), names, tok.pad_token_id, cfg.storage)
+        plain = vcfg.model.model_copy(update={"lora": None})  # the adapters go into the shared encoder below
+        models[spec.name] = load_model(plain, len(names), names, tok.pad_token_id, cfg.storage)
         views.append((spec, vcfg, manifests, names))
     model = MultiTaskModel(models, {spec.name: spec.loss_weight for spec, *_ in views})
-    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.model.lora is not None:
+        model.adapt_encoder(cfg.model.lora, cfg.model.path, cfg.model.gradient_checkpointing)
+    n_params, n_trainable = parameter_counts(model)
     seed_everything(cfg.run.seed + session.rank)
     readers = [task_reader(vcfg, session, "train", manifests, tok) for _, vcfg, manifests, _ in views]
     per_pass = [r.num_batches() for r in readers]
@@ -108,7 +112,7 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
     _, _, m0, names0 = views[0]
     s = Setup(cfg=cfg, session=session, device=device, precision=precision, tokenizer=tok, manifests=m0,
               num_labels=len(names0), label_names=names0, n_params=n_params, engine=engine, train_reader=readers[0],
-              steps_per_epoch=steps, optimizer_steps=total)
+              steps_per_epoch=steps, optimizer_steps=total, n_trainable=n_trainable)
     tasks = [Task(spec, dataclasses.replace(s, cfg=vcfg, manifests=manifests, num_labels=len(names),
                                             label_names=names, train_reader=reader), n)
              for (spec, vcfg, manifests, names), reader, n in zip(views, readers, per_pass)]
@@ -328,7 +332,7 @@ def _finish(ms: MultiSetup, state: ckpt.TrainState, throughput: dict[str, Any],
         "test": test, "throughput": throughput or (state.history[-1] if state.history else {}),
         "first_step_time": first_step_at, "global_step": state.global_step, "world_size": session.world_size,
         "node_ids": [session.node_id()], "device": s.device.type, "precision": s.precision.name,
-        "n_params": s.n_params, "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
+        "n_params": s.n_params, "trainable_params": s.n_trainable, "model_uri": model_uri, "best_checkpoint": state.best_checkpoint,
         "label_names": None, "train_log": state.train_log, "tasks": tasks,
     }
     storage.write_text(join_uri(cfg.run_uri(), layout.RESULT), json.dumps(result, indent=1), cfg.storage)

@@ -7,6 +7,9 @@ pre_classifier + classifier) with its encoder taken out: the module tree holds t
 task's model for the call. Why not hand-written heads: HF's own forward (pooling, dropout, loss)
 runs unchanged, and exporting a task is that model's ``save_pretrained`` with the shared encoder
 put back: a standard folder that ``AutoModelForSequenceClassification`` loads alone.
+
+With ``model.lora`` the adapters go into the shared encoder (``adapt_encoder``: its base weights
+frozen); the heads sit outside it and train in full.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ class MultiTaskModel(torch.nn.Module):
         self.loss_weights = dict(loss_weights)
         self.active_task: str = next(iter(models))
         self.config = first.config  # what DeepSpeed and HF utilities read (hidden size for ZeRO-3 buckets)
+        self.lora_config: Any = None  # peft's LoraConfig of the encoder's adapters (model.lora), for the export
+
+    def adapt_encoder(self, lora: Any, path: str, checkpointing: bool = False) -> None:
+        """LoRA adapters into the shared encoder (``ftdist.lora.adapt_encoder``); the heads stay trainable."""
+        from ftdist.lora import adapt_encoder
+
+        self.lora_config = adapt_encoder(self.encoder, lora, path, checkpointing)
 
     @contextlib.contextmanager
     def task_model(self, name: str) -> Iterator[Any]:

@@ -15,6 +15,11 @@ def multitask_preflight(cfg: RunConfig) -> dict[str, Any]:
     """Prepare (on first use) and check each task's data set; facts per task (label counts, rows).
 
     The top-level ``label_counts``/``rows`` are the first task's, the keys a single-task run has."""
+    from ftdist.lora import check_lora_config
+    from ftdist.modeling import resolve_model_path
+
+    # the adapters go into the shared encoder: its modules are the ones model.lora may name
+    check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage), shared_encoder=True)
     per_task: dict[str, Any] = {}
     for i, (task, view) in enumerate(task_views(cfg)):
         prepare_data_if_needed(view)
