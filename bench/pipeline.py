@@ -94,6 +94,8 @@ def task_runs(p: Any, seeds: list[int], root: str, stage_summary: dict[str, Any]
                 continue
             cfg = task.model_copy(update={
                 "run": task.run.model_copy(update={"name": f"{arm}-seed{seed}", "seed": seed}),
+                # the split the stage prepared, as it is (prepare records run.seed: another seed would refuse it)
+                "data": task.data.model_copy(update={"prepare": None}),
                 "model": task.model.model_copy(update={"path": model}),
                 "storage": task.storage.model_copy(update={"path": root})})
             t0 = time.time()

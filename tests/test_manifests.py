@@ -189,7 +189,8 @@ def test_renderer_matches_kubectl_kustomize(build: str, rendered: dict[str, list
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_expected_objects(build: str, rendered: dict[str, list[Obj]]) -> None:
     assert sorted(key(o) for o in rendered[build]) == [
-        ("ConfigMap", CONFIGMAP), ("RayCluster", "ftdist"), ("RayJob", "ftdist-multitask"), ("RayJob", "ftdist-sweep"),
+        ("ConfigMap", CONFIGMAP), ("RayCluster", "ftdist"), ("RayJob", "ftdist-multitask"), ("RayJob", "ftdist-pipeline"),
+        ("RayJob", "ftdist-sweep"),
         ("RayJob", "ftdist-train"), ("ServiceAccount", "ftdist")]
 
 
@@ -286,7 +287,7 @@ def crd_schemas() -> dict[str, Obj]:
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_ray_objects_match_crd_schema(build: str, rendered: dict[str, list[Obj]], crd_schemas: dict[str, Obj]) -> None:
     ray_objs = [o for o in rendered[build] if o["kind"] in crd_schemas]
-    assert len(ray_objs) == 4  # RayCluster ftdist, RayJobs train, sweep, multitask
+    assert len(ray_objs) == 5  # RayCluster ftdist, RayJobs train, sweep, multitask, pipeline
     for o in ray_objs:
         assert o["apiVersion"] == "ray.io/v1"
         assert schema_errors(o, crd_schemas[o["kind"]], f"{o['kind']}/{o['metadata']['name']}") == []
@@ -443,7 +444,7 @@ def test_autoscaling_and_rayjob_lifecycle(build: str, rendered: dict[str, list[O
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47, name  # KubeRay's RayJob limits
         assert s["submissionMode"] == "K8sJobMode" and s["shutdownAfterJobFinishes"] is True, name
         assert s["ttlSecondsAfterFinished"] >= 0 and s["activeDeadlineSeconds"] > 0 and s["backoffLimit"] >= 0, name
-        m = re.fullmatch(r"ftdist (train|tune) /config/([\w.-]+\.yaml)", s["entrypoint"])
+        m = re.fullmatch(r"ftdist (train|tune|pipeline) /config/([\w.-]+\.yaml)", s["entrypoint"])
         assert m, f"{name}: entrypoint {s['entrypoint']!r} must run ftdist on a config from /config"
         assert m[2] in one(objs, "ConfigMap", CONFIGMAP)["data"], f"{name}: /config/{m[2]} is not in the ConfigMap"
 
@@ -479,6 +480,26 @@ def test_configmap_holds_valid_ftdist_configs(build: str, rendered: dict[str, li
     multi = load_config(data=yaml.safe_load(one(rendered[build], "ConfigMap", CONFIGMAP)["data"]["multitask.yaml"]))
     assert multi.tasks and len(multi.tasks) >= 2 and all(t.data.path.startswith("s3://") for t in multi.tasks)
     assert multi.storage.path.startswith("s3://") and multi.scaling == cfg.scaling
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_configmap_pipeline_is_a_valid_pipeline_over_the_train_config(build: str, rendered: dict[str, list[Obj]],
+                                                                       tmp_path: Path) -> None:
+    """pipeline.yaml (RayJob ftdist-pipeline) passes `ftdist pipeline`'s checks with the ConfigMap's train.yaml
+    where its stages read /config/train.yaml: masked-LM adaptation, then the task from that export, in S3."""
+    from ftdist.pipeline.spec import load_pipeline
+
+    data = one(rendered[build], "ConfigMap", CONFIGMAP)["data"]
+    (tmp_path / "train.yaml").write_text(data["train.yaml"])
+    raw = yaml.safe_load(data["pipeline.yaml"])
+    assert [st["path"] for st in raw["stages"]] == ["/config/train.yaml"] * 2
+    for st in raw["stages"]:
+        st["path"] = str(tmp_path / "train.yaml")
+    p = load_pipeline("pipeline.yaml", data=raw)
+    dapt, task = p.stages
+    assert dapt.config.model.task == "masked-lm" and task.config.model.task == "sequence-classification"
+    assert task.config.model.path == f"{p.uri}/stages/dapt/model" and p.uri.startswith("s3://")
+    assert dapt.config.data.path.startswith("s3://") and dapt.config.data.path != task.config.data.path
 
 
 def test_gpu_overlay_sizes(rendered: dict[str, list[Obj]]) -> None:

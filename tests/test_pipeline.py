@@ -109,6 +109,43 @@ def test_print_config_shows_a_stage_with_its_reference_resolved(tmp_path, tiny_b
 
 
 # ---------------------------------------------------------------------------------------------
+# Which head scores a set after a later stage; the encoder swap
+
+
+def test_each_set_is_scored_with_the_head_of_the_latest_stage_that_trained_it(tmp_path, tiny_bert):
+    from ftdist.pipeline.evaluate import head_row
+
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [
+        _stage("mlm", tiny_bert, "/d/text", "masked-lm"), _stage("a", "${stage:mlm}", "/d/a"),
+        _stage("b", "${stage:a}", "/d/b"), _stage("a2", "${stage:b}", "/d/a", eval=[])]))
+    mlm, a, b = p.sets
+    assert [head_row(p, r, mlm) for r in (-1, 0, 1, 2, 3)] == [-1, 0, 0, 0, 0]  # the masked-LM stage's head
+    assert [head_row(p, r, a) for r in (0, 1, 2, 3)] == [None, 1, 1, 3]  # a's head until a2 retrains it
+    assert [head_row(p, r, b) for r in (1, 2, 3)] == [None, 2, 2]
+
+
+def test_swap_encoder_keeps_the_head_and_takes_every_encoder_weight(tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ftdist.pipeline.evaluate import swap_encoder
+
+    cfg = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(1)
+    head_model = AutoModelForSequenceClassification.from_config(cfg)
+    torch.manual_seed(2)
+    encoder_model = AutoModelForSequenceClassification.from_config(cfg)
+    encoder_model.save_pretrained(tmp_path / "enc")
+    head_before = {k: v.clone() for k, v in head_model.classifier.state_dict().items()}
+    swap_encoder(head_model, str(tmp_path / "enc"))
+    for k, v in encoder_model.bert.state_dict().items():
+        assert torch.equal(head_model.bert.state_dict()[k], v), k
+    for k, v in head_model.classifier.state_dict().items():
+        assert torch.equal(v, head_before[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
 # Summaries on hand-computed matrices
 
 
