@@ -185,7 +185,7 @@ def _reader(cfg: RunConfig, session: Session, split: str, manifest: Manifest, sh
                        tokenizer=tokenizer, max_length=d.max_length)
 
 
-def _autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
+def forward_autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
     """ftdist's autocast around a forward, unless precision is fp32, DeepSpeed's own bf16/fp16
     engine runs the model, or DeepSpeed autocasts the forward itself (fp16, see engine_autocasts)."""
     dtype = s.precision.autocast_dtype
@@ -220,7 +220,7 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     inputs = _to_device(batch, s.device)
     if window is not None:
         s.engine.set_gradient_accumulation_boundary(window.last)
-    with _autocast(s):
+    with forward_autocast(s):
         if s.class_weights is None:
             loss = s.engine(**inputs).loss
         else:  # the model's own loss is unweighted: compute the weighted one from its logits
@@ -271,7 +271,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
             batch = collate(rows, s.tokenizer.pad_token_id, task, pin_memory=s.device.type == "cuda")
             if s.masker is not None:  # the same tokens every pass: validation losses compare models, not draws
                 batch = s.masker(batch, (EVAL_KEYS[split], s.session.rank, i))
-            with _autocast(s):
+            with forward_autocast(s):
                 out = engine(**_to_device(batch, s.device))
             if task == "sequence-classification":
                 pred = out.logits.argmax(-1).cpu()
