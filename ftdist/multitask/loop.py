@@ -93,13 +93,12 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
         manifests = {s: load_manifest(split_uri(vcfg, s), cfg.storage) for s in ("train", "validation", "test")}
         names = spec.label_names or manifests["train"].label_names or []
         if spec.type == "regression":
-            names = [REGRESSION_OUTPUT]  # one output: HF's regression head (num_labels 1, MSE loss)
+            # one output: HF's regression head (num_labels 1: HF sets problem_type regression, MSE loss)
+            names = [REGRESSION_OUTPUT]
         for s, m in manifests.items():
             check_compatible(m, split_uri(vcfg, s), spec.type, len(names), fp)
         plain = vcfg.model.model_copy(update={"lora": None})  # the adapters go into the shared encoder below
         models[spec.name] = load_model(plain, len(names), names, tok.pad_token_id, cfg.storage)
-        if spec.type == "regression":
-            models[spec.name].config.problem_type = "regression"  # what the exported folder loads as
         views.append((spec, vcfg, manifests, names))
     model = MultiTaskModel(models, {spec.name: spec.loss_weight for spec, *_ in views})
     if cfg.model.lora is not None:
