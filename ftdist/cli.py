@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="raw file: local path or any fsspec URL (s3://...)")
     p.add_argument("--output", required=True, help="data set prefix to create (local or s3://...)")
     p.add_argument("--model", help="model or tokenizer path/hub id whose tokenizer to use (not needed with --raw-text)")
-    p.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm", "masked-lm"])
+    p.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm", "masked-lm", "regression"],
+                   help="regression: float labels, for a regression task of a multi-task run (tasks[].type)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--label-names", help="comma-separated class names in id order (default: sorted values)")

@@ -26,6 +26,8 @@ from ftdist.redaction import ENV_REF, has_env_ref, redact, resolve_env_refs
 from ftdist.uri import is_uri, join_uri
 
 TASKS = ("sequence-classification", "causal-lm", "masked-lm")
+#: what a prepared data set can be for: a model task, or ``regression`` (float labels; a multi-task run's task type)
+DATA_TASKS = (*TASKS, "regression")
 #: metrics each task reports on the validation split (``val_`` prefix in reports)
 TASK_METRICS: dict[str, dict[str, str]] = {
     "sequence-classification": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
@@ -271,9 +273,17 @@ class TaskSpec(Section):
 
     name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="names the head and its export folder")
     data: TaskDataSection
-    type: Literal["sequence-classification"] = "sequence-classification"
+    type: Literal["sequence-classification", "regression"] = Field(
+        "sequence-classification", description="regression: one float per text, MSE loss (README: Multi-task)")
     label_names: list[str] | None = Field(None, description="default: the data set's label names")
     loss_weight: float = Field(1.0, gt=0, description="this task's loss is multiplied by it in training")
+
+    @model_validator(mode="after")
+    def _regression_labels(self) -> "TaskSpec":
+        if self.type == "regression" and self.label_names is not None:
+            raise ValueError(f"tasks: '{self.name}' is a regression task; label_names apply to "
+                             f"sequence-classification tasks only, remove them")
+        return self
 
 
 class MultitaskSection(Section):

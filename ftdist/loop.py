@@ -289,7 +289,7 @@ def split_reader(cfg: RunConfig, session: Session, split: str, manifest: Manifes
                        tokenizer=tokenizer, max_length=d.max_length)
 
 
-def _autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
+def forward_autocast(s: Setup) -> contextlib.AbstractContextManager[Any]:
     """ftdist's autocast around a forward, unless precision is fp32, DeepSpeed's own bf16/fp16
     engine runs the model, or DeepSpeed autocasts the forward itself (fp16, see engine_autocasts)."""
     dtype = s.precision.autocast_dtype
@@ -324,7 +324,7 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor], window: Window | None =
     inputs = _to_device(batch, s.device)
     if window is not None:
         s.engine.set_gradient_accumulation_boundary(window.last)
-    with _autocast(s):
+    with forward_autocast(s):
         if s.class_weights is None:
             loss = s.engine(**inputs).loss
         else:  # the model's own loss is unweighted: compute the weighted one from its logits
@@ -370,7 +370,7 @@ def evaluate(s: Setup, split: str, predictions: bool = False
         return evaluate_batches(lambda batch: s.engine(**batch), reader.batches(0), s.tokenizer.pad_token_id,
                                 s.cfg.model.task, s.num_labels, s.device, masker=s.masker,
                                 mask_key=(EVAL_KEYS[split], s.session.rank), predictions=predictions,
-                                autocast=lambda: _autocast(s))
+                                autocast=lambda: forward_autocast(s))
     finally:
         s.engine.train()
 

@@ -27,6 +27,26 @@ def classification_metrics(loss_sum: float, confusion: torch.Tensor) -> dict[str
             "macro_f1": f1[present].mean().item() if present.any() else 0.0}
 
 
+def regression_metrics(sums: list[float]) -> dict[str, float]:
+    """loss (MSE), rmse and Pearson's r of predictions p against labels y, from the sums
+    ``[n, sum (p-y)^2, sum y, sum p, sum y^2, sum p^2, sum p*y]`` (summable across ranks).
+    r is 0 when either side is constant (a constant predictor explains nothing)."""
+    n, sse, sy, sp, syy, spp, spy = sums
+    n = max(n, 1.0)
+    cov = spy - sy * sp / n
+    var_y, var_p = syy - sy * sy / n, spp - sp * sp / n
+    r = cov / math.sqrt(var_y * var_p) if var_y > 1e-12 and var_p > 1e-12 else 0.0
+    return {"loss": sse / n, "rmse": math.sqrt(sse / n), "pearson": r}
+
+
+def mean_predictor_rmse(train: dict[str, float] | None, test: dict[str, float] | None) -> float | None:
+    """RMSE on the test split of always predicting the train split's mean label (the regression
+    counterpart of the majority-class baseline): sqrt(var_test + (mean_test - mean_train)^2)."""
+    if not train or not test or not test.get("count"):
+        return None
+    return math.sqrt(test["std"] ** 2 + (test["mean"] - train["mean"]) ** 2)
+
+
 def causal_lm_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -24,8 +24,10 @@ from ftdist.errors import StorageUnavailable, UserError
 from ftdist.metrics import class_weights
 
 
-def prepare_data_if_needed(cfg: RunConfig) -> None:
-    """Build ``data.path`` from ``data.prepare`` on first use; refuse to reuse one built from another spec."""
+def prepare_data_if_needed(cfg: RunConfig, data_task: str | None = None) -> None:
+    """Build ``data.path`` from ``data.prepare`` on first use; refuse to reuse one built from another spec.
+    ``data_task``: what the data set is for when not ``model.task`` (a multi-task run's regression task)."""
+    task = data_task or cfg.model.task
     if cfg.data.prepare is None:
         return
     train_uri = join_uri(cfg.data.path, "train")
@@ -37,7 +39,7 @@ def prepare_data_if_needed(cfg: RunConfig) -> None:
             raise UserError(f"data set '{cfg.data.path}' does not record how it was prepared (built by hand or by "
                             f"an older ftdist), so it cannot be checked against data.prepare; delete it to rebuild, "
                             f"or remove data.prepare to use it as it is")
-        wanted = spec_record(cfg.data.prepare, cfg.model.task, cfg.run.seed, cfg.data.max_length)
+        wanted = spec_record(cfg.data.prepare, task, cfg.run.seed, cfg.data.max_length)
         if built != wanted:
             diff = ", ".join(k for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k))
             raise UserError(f"data set '{cfg.data.path}' was prepared with different settings ({diff}); "
@@ -48,13 +50,15 @@ def prepare_data_if_needed(cfg: RunConfig) -> None:
     print(f"[ftdist] preparing data set {cfg.data.path} from {cfg.data.prepare.input}", flush=True)
     t0 = time.time()
     ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
-                 cfg.model.task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
+                 task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
     print(f"[ftdist] prepared {', '.join(f'{k}: {m.num_rows} rows' for k, m in ms.items())} "
           f"in {time.time() - t0:.1f}s", flush=True)
 
 
-def preflight(cfg: RunConfig) -> dict[str, Any]:
-    """Every check that needs no worker. Returns facts the summary uses (label counts)."""
+def preflight(cfg: RunConfig, data_task: str | None = None) -> dict[str, Any]:
+    """Every check that needs no worker. Returns facts the summary uses (label counts; a regression
+    data set's label statistics). ``data_task``: as in ``prepare_data_if_needed``."""
+    task = data_task or cfg.model.task
     from ftdist.modeling import load_tokenizer, resolve_model_path
 
     from ftdist.lora import check_lora_config
@@ -71,7 +75,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         uri = join_uri(cfg.data.path, split)
         m = manifests[split] = load_manifest(uri, cfg.storage)
         num_labels = cfg.model.num_labels or manifests["train"].num_labels
-        check_compatible(m, uri, cfg.model.task, num_labels, fp)
+        check_compatible(m, uri, task, num_labels, fp)
         check_shards_present(m, uri, cfg.storage)
         if m.num_rows < cfg.scaling.num_workers:
             raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
@@ -83,11 +87,12 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
                 cfg.data.replay, manifests["train"], cfg.model.task, cfg.model.num_labels or manifests["train"].num_labels,
                 fp, cfg.storage)):
             check_shards_present(m, join_uri(path, "train"), cfg.storage)
-    if cfg.model.task == "sequence-classification":  # a weight list that does not fit the data set: one line now
+    if task == "sequence-classification":  # a weight list that does not fit the data set: one line now
         class_weights(cfg.train.class_weights, manifests["train"].label_counts,
                       cfg.model.num_labels or manifests["train"].num_labels or 0)
     train = manifests["train"]
     return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
+            "label_stats": {s: m.label_stats for s, m in manifests.items()},
             "token_lengths": {**train.token_lengths.model_dump(), "rows": train.num_rows, "max_length": train.max_length}
             if train.token_lengths else None,
             "rows": {s: m.num_rows for s, m in manifests.items()}}

@@ -110,9 +110,10 @@ def prepare_local(raw: Path, out: Path, model: str, task: str = "sequence-classi
     from ftdist.data.prepare import prepare
 
     spec = PrepareSection(input=str(raw), text_field="text",
-                          label_field="label" if task == "sequence-classification" else None,
+                          label_field="label" if task in ("sequence-classification", "regression") else None,
                           rows_per_shard=rows_per_shard)
-    prepare(spec, str(out), model, 64, task, StorageSection(), label_names=label_names or (NAMES if task != "causal-lm" else None))
+    prepare(spec, str(out), model, 64, task, StorageSection(),
+            label_names=label_names or (NAMES if task not in ("causal-lm", "regression") else None))
     return str(out)
 
 
@@ -121,6 +122,23 @@ def cls_data(tmp_path_factory, tiny_bert) -> str:
     d = tmp_path_factory.mktemp("cls-data")
     raw = write_jsonl(d / "raw.jsonl", synthetic_rows(600))
     return prepare_local(raw, d / "ds", tiny_bert)
+
+
+def length_score_rows(n: int, seed: int) -> list[dict]:
+    """A regression task on the synthetic text: its number of words, scaled to about 0..1 (float labels)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(2, 16)
+        rows.append({"text": " ".join(rng.choice(FILLER) for _ in range(k)), "label": k / 16})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def reg_data(tmp_path_factory, tiny_bert) -> str:
+    """A prepared regression data set (multi-task runs' ``type: regression``)."""
+    d = tmp_path_factory.mktemp("reg-data")
+    return prepare_local(write_jsonl(d / "raw.jsonl", length_score_rows(160, 1)), d / "ds", tiny_bert, task="regression")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import argparse
 import typing
 
 from ftdist.cli import build_parser
-from ftdist.config import TASKS, DataSection, PrepareSection
+from ftdist.config import DATA_TASKS, DataSection, PrepareSection
 
 # Flags with no data.prepare field: where the data set goes and what the run config says elsewhere
 # (model.path, model.task, model.label_names, data.max_length, run.seed), plus command-line switches.
@@ -55,5 +55,5 @@ def test_every_prepare_flag_stands_for_a_field_or_is_listed_as_cli_only():
 def test_choices_and_shared_defaults_follow_the_schema():
     actions = prepare_actions()
     assert list(actions["format"].choices) == list(typing.get_args(PrepareSection.model_fields["format"].annotation))
-    assert set(actions["task"].choices) == set(TASKS)
+    assert set(actions["task"].choices) == set(DATA_TASKS)  # model tasks + regression (multi-task)
     assert actions["max_length"].default == DataSection.model_fields["max_length"].default

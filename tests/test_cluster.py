@@ -87,6 +87,28 @@ def test_submit_the_shipped_demo_job_to_a_ray_start_cluster(one_node, tiny_bert,
     print(f"demo submit took {time.monotonic() - t0:.0f}s")
 
 
+def test_submit_the_shipped_multitask_job_to_a_ray_start_cluster(one_node, tiny_bert, tmp_path):
+    """`ftdist submit cluster/jobs/multitask.yaml` as shipped (both tasks' data.prepare kept, the second
+    task's CSV written by cluster/jobs/multitask_data.py), tiny: small samples, 3 batches, one worker."""
+    import runpy
+
+    csv = tmp_path / "agreement.csv"
+    runpy.run_path(str(REPO / "cluster" / "jobs" / "multitask_data.py"))["write_agreement"](str(csv))
+    tiny = [f"model.path={tiny_bert}", f"tasks.0.data.path={tmp_path / 'sentiment'}", "tasks.0.data.prepare.limit=200",
+            f"tasks.1.data.path={tmp_path / 'agreement'}", f"tasks.1.data.prepare.input={csv}",
+            "tasks.1.data.prepare.limit=200", "scaling.num_workers=1", "train.epochs=1", "train.max_steps_per_epoch=3",
+            f"storage.path={tmp_path / 'runs'}"]
+    proc = run_cli("submit", str(REPO / "cluster" / "jobs" / "multitask.yaml"), "--address", one_node["address"],
+                   "--follow", *[a for kv in tiny for a in ("--set", kv)], env=one_node["env"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "finished: SUCCEEDED" in proc.stdout
+    summary = json.loads((tmp_path / "runs" / "multitask" / "summary.json").read_text())
+    assert summary["status"] == "completed" and set(summary["tasks"]) == {"sentiment", "agreement"}
+    for task in ("sentiment", "agreement"):
+        assert sum(summary["tasks"][task]["rows"].values()) == 200
+        assert (tmp_path / "runs" / "multitask" / "model" / task / "config.json").exists()
+
+
 def test_submit_two_worker_job_across_two_nodes(two_nodes, tiny_bert, cls_data, tmp_path):
     cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "multinode"},
                       train={"epochs": 1})

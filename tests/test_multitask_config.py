@@ -42,6 +42,14 @@ CASES = {
     "bad-name": (lambda d: [{"name": "a b", "data": {"path": d["cls"]}}], "tasks.0.name"),
     "missing-data": (lambda d: [{"name": "a", "data": {"path": d["root"] + "/nope"}}], "does not exist"),
     "zero-weight": (lambda d: [{"name": "a", "data": {"path": d["cls"]}, "loss_weight": 0}], "tasks.0.loss_weight"),
+    # regression tasks: no label names; a data set prepared for the other type is refused either way
+    "regression-label-names": (lambda d: [{"name": "r", "type": "regression", "data": {"path": d["reg"]},
+                                           "label_names": ["lo", "hi"]}], "'r' is a regression task; label_names"),
+    "regression-on-class-data": (lambda d: [{"name": "r", "type": "regression", "data": {"path": d["cls"]}}],
+                                 "prepared for task sequence-classification, not regression; prepare it with "
+                                 "--task regression"),
+    "class-on-regression-data": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}, {"name": "b", "data": {"path": d["reg"]}}],
+                                 "tasks[1] ('b'): data set"),
     # LoRA goes into the shared encoder: a target outside it (the head) is refused, as is an adapter export
     "lora-target-outside-encoder": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
                                     "model.lora.target_modules: 'classifier' is not a module",
@@ -53,9 +61,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_multitask_config_is_one_line_exit_2_before_training(name, tiny_bert, cls_data, clm_data, tmp_path, capsys):
+def test_bad_multitask_config_is_one_line_exit_2_before_training(name, tiny_bert, cls_data, clm_data, reg_data,
+                                                                  tmp_path, capsys):
     tasks, fragment, *model = CASES[name]
-    raw = mt_config(tiny_bert, tasks({"cls": cls_data, "clm": clm_data, "root": str(tmp_path)}), tmp_path)
+    raw = mt_config(tiny_bert, tasks({"cls": cls_data, "clm": clm_data, "reg": reg_data, "root": str(tmp_path)}),
+                    tmp_path)
     raw["model"].update(*model)
     code, lines = run_cli(raw, tmp_path, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ftdist: error:"), lines

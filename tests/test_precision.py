@@ -49,14 +49,14 @@ def test_fp16_loss_scaling_keeps_small_gradients_from_underflowing(tiny_bert, cl
     """A loss of ~1e-6 has gradients below fp16's smallest subnormal (6e-8): computed in fp16 without
     loss scaling they flush to zero. With ftdist's fp16 (DeepSpeed's dynamic loss scale) they survive."""
     from ftdist.data.collate import collate
-    from ftdist.loop import _autocast, _to_device, setup, teardown
+    from ftdist.loop import _to_device, forward_autocast, setup, teardown
 
     cfg = _config(tiny_bert, cls_data, str(tmp_path / "runs"), "fp16", gradient_accumulation_steps=2)
     s = setup(cfg, LocalSession(str(tmp_path / "ckpt")))
     try:
         rows = next(iter(s.train_reader.batches(0, max_batches=1)))
         inputs = _to_device(collate(rows, s.tokenizer.pad_token_id, cfg.model.task), s.device)
-        with _autocast(s):
+        with forward_autocast(s):
             loss = s.engine(**inputs).loss * 1e-6
         s.engine.backward(loss)
         grads = {n: p.grad for n, p in s.engine.module.named_parameters() if p.requires_grad}

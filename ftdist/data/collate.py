@@ -26,6 +26,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int, task: str, pad_to_multiple_
     batch = {"input_ids": ids, "attention_mask": mask}
     if task in ("causal-lm", "masked-lm"):  # masked-lm: data.masking replaces these with the masked tokens
         batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    elif task == "regression":  # one float per text (HF's regression head: num_labels 1, MSE)
+        batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.float32)
     else:
         batch["labels"] = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
     batch["sample_id"] = torch.as_tensor([r["sample_id"] for r in rows], dtype=torch.long)

@@ -3,7 +3,8 @@
 Layout: ``<prefix>/<split>/part-NNNNN.parquet`` plus ``<prefix>/<split>/manifest.json``. The manifest
 is written last, so a split without one is incomplete and is never read. Columns:
 ``sample_id`` (int64, unique across splits), ``input_ids`` (list<int32>, not padded), ``length``
-(int32, for length bucketing without decoding), and ``label`` (int64) for classification; optionally
+(int32, for length bucketing without decoding), and ``label`` (int64) for classification or
+(float32) for regression; optionally
 ``text`` (string). A raw-text data set has ``text`` but no ``input_ids``/``length``; its manifest's
 ``tokenizer`` and ``max_length`` are null and the reader tokenizes on the fly.
 """
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ftdist import storage
-from ftdist.config import TASKS, StorageSection
+from ftdist.config import DATA_TASKS, StorageSection
 from ftdist.uri import join_uri
 from ftdist.errors import UserError
 
@@ -73,11 +74,12 @@ class Manifest(_Record):
     source: str | None = None
     prepare: dict[str, Any] | None = None  # the PrepareSection that built it (to detect a changed spec)
     token_lengths: TokenLengths | None = None
+    label_stats: dict[str, float] | None = None  # regression: the labels' count, mean, std
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
-        if self.task not in TASKS:
-            raise ValueError(f"field 'task' must be one of {', '.join(TASKS)}")
+        if self.task not in DATA_TASKS:
+            raise ValueError(f"field 'task' must be one of {', '.join(DATA_TASKS)}")
         files = [s.file for s in self.shards]
         if len(set(files)) != len(files):
             raise ValueError("a shard file is listed twice")
@@ -154,7 +156,7 @@ def load_manifest(split_uri: str, cfg: StorageSection) -> Manifest:
     if sum(s.rows for s in m.shards) != m.num_rows:
         raise UserError(f"'{uri}': shard row counts do not add up to num_rows; re-run `ftdist data prepare`")
     needed = {"sample_id", "input_ids" if "text" not in m.columns else "text"}
-    needed |= {"label"} if m.task == "sequence-classification" else set()
+    needed |= {"label"} if m.task in ("sequence-classification", "regression") else set()
     missing = needed - set(m.columns)
     if missing:
         raise UserError(f"data set '{split_uri}' lacks column(s) {sorted(missing)} needed for task {m.task}; "

@@ -143,9 +143,11 @@ class _SplitWriter:
     rng: np.random.Generator
     tokenize: bool = True  # False: raw-text shards, tokenized by the reader
     keep_text: bool = False
+    float_labels: bool = False  # regression: float32 labels, no class counts, their count/sum/sum of squares
+    label_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
     shards: list[ShardInfo] = field(default_factory=list)
     label_counts: dict[int, int] = field(default_factory=dict)
     full_lengths: list[int] = field(default_factory=list)  # tokens before truncation, per written row
@@ -154,12 +156,16 @@ class _SplitWriter:
     blocks: int = 0  # packing: blocks written so far (their sample ids)
     dropped_tokens: int = 0  # packing: the last partial block's tokens (set by close)
 
-    def add(self, sample_id: int, text: str, label: int | None, tok: Any, max_length: int) -> None:
+    def add(self, sample_id: int, text: str, label: int | float | None, tok: Any, max_length: int) -> None:
         self.ids.append(sample_id)
         self.texts.append(text)
         if label is not None:
             self.labels.append(label)
-            self.label_counts[label] = self.label_counts.get(label, 0) + 1
+            if self.float_labels:
+                for i, x in enumerate((1.0, label, label * label)):
+                    self.label_sums[i] += x
+            else:
+                self.label_counts[int(label)] = self.label_counts.get(int(label), 0) + 1
         if len(self.ids) >= self.rows_per_shard * WINDOW_SHARDS:
             self.flush(tok, max_length, keep_partial=True)
 
@@ -192,7 +198,7 @@ class _SplitWriter:
         if self.keep_text or not self.tokenize:
             cols["text"] = pa.array(texts, pa.string())
         if self.labels:
-            cols["label"] = pa.array([self.labels[i] for i in idx], pa.int64())
+            cols["label"] = pa.array([self.labels[i] for i in idx], pa.float32() if self.float_labels else pa.int64())
         self._write_table(cols, len(idx))
 
     def _write_blocks(self, blocks: list[list[int]]) -> None:
@@ -258,14 +264,43 @@ def length_stats(lengths: list[int], max_length: int) -> TokenLengths | None:
                         p95=ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], max=ordered[-1])
 
 
-def shard_columns(tokenized: bool, keep_text: bool, labelled: bool) -> dict[str, str]:
+def label_stats(sums: list[float]) -> dict[str, float] | None:
+    """count, mean and (population) std of a regression split's labels from their count/sum/sum of squares."""
+    n, s, ss = sums
+    if not n:
+        return None
+    mean = s / n
+    return {"count": n, "mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0))}
+
+
+def regression_label(value: Any, uri: str, field: str | None) -> float | None:
+    """A regression label as a float; a missing one is None (the row is skipped); anything that is not a
+    finite number (a class name, NaN, a list) is refused with one line."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        if math.isfinite(float(value)):
+            return float(value)
+    if isinstance(value, str):
+        try:
+            f = float(value)
+        except ValueError:
+            f = math.nan
+        if math.isfinite(f):
+            return f
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise UserError(f"input '{redact_uri(uri)}': label {shown} in column {field!r} is not a finite number; "
+                    f"a regression task's labels are numbers")
+
+
+def shard_columns(tokenized: bool, keep_text: bool, labelled: bool, float_labels: bool = False) -> dict[str, str]:
     """The manifest's column schema for a data set built with these options."""
     cols = {"sample_id": "int64"}
     if tokenized:
         cols |= {"input_ids": "list<int32>", "length": "int32"}
     if keep_text or not tokenized:
         cols["text"] = "string"
-    return cols | ({"label": "int64"} if labelled else {})
+    return cols | ({"label": "float32" if float_labels else "int64"} if labelled else {})
 
 
 def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> Any:
@@ -287,7 +322,7 @@ def _stratified_assigner(fractions: list[float], rng: np.random.Generator) -> An
 
 def spec_record(spec: PrepareSection, task: str, seed: int, max_length: int) -> dict[str, Any]:
     """What the manifest records about how a data set was built (compared on reuse)."""
-    label = spec.label_field if task == "sequence-classification" else None
+    label = spec.label_field if task in ("sequence-classification", "regression") else None
     # Raw-text data sets are tokenized at read time: data.max_length may change without a rebuild.
     # The input is recorded redacted (a presigned URL's signature must not live in the data set);
     # both sides of the reuse comparison go through here, so they compare redacted too.
@@ -304,7 +339,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     if task in ("causal-lm", "masked-lm"):  # unlabelled text
         spec = spec.model_copy(update={"label_field": None})
     elif not spec.label_field:
-        raise UserError("sequence-classification needs labels; pass --label-field (or use --task causal-lm / masked-lm for unlabelled text)")
+        raise UserError(f"{task} needs labels; pass --label-field (or use --task causal-lm / masked-lm for unlabelled text)")
     if (len(spec.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in spec.split)
             or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0):
         raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
@@ -332,16 +367,20 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
 
     # Pass 1 (labels only, cheap): the label vocabulary and, with --limit, which rows to keep.
     label_values: dict[Any, int] = {}
+    regression = task == "regression"
     n_rows = 0
     for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
         if spec.label_field:
             for v in batch.column(spec.label_field).to_pylist():
+                if regression:
+                    regression_label(v, spec.input, spec.label_field)  # refused here, before any shard is written
+                    continue
                 key = label_key(v, spec.input, spec.label_field)
                 label_values[key] = label_values.get(key, 0) + 1
         n_rows += batch.num_rows
     if n_rows == 0:
         raise UserError(f"input '{redact_uri(spec.input)}' has no rows")
-    label_map = _label_map(label_values, label_names, spec.input) if spec.label_field else None
+    label_map = _label_map(label_values, label_names, spec.input) if spec.label_field and not regression else None
     rng = np.random.default_rng(seed)
     keep = None
     if spec.limit and spec.limit < n_rows:
@@ -355,7 +394,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
             os.makedirs(os.path.join(tmp, name))
             writers.append(_SplitWriter(name, os.path.join(tmp, name), spec.rows_per_shard,
                                         np.random.default_rng([seed, i]), spec.tokenize, spec.keep_text,
-                                        pack=spec.pack))
+                                        pack=spec.pack, float_labels=regression))
         row = 0
         for batch in iter_raw(spec.input, fmt, spec.encoding, columns, cfg):
             texts = batch.column(spec.text_field).to_pylist()
@@ -365,10 +404,14 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                 row += 1
                 if keep is not None and not keep[sid]:
                     continue
-                if text is None or (label_map is not None and label is None):
+                if text is None or ((label_map is not None or regression) and label is None):
                     continue  # rows without text/label carry nothing to learn from
-                lab = label_map[label_key(label, spec.input, spec.label_field)] if label_map is not None else None
-                split = assign(lab)
+                lab: int | float | None = None
+                if regression:
+                    lab = regression_label(label, spec.input, spec.label_field)
+                elif label_map is not None:
+                    lab = label_map[label_key(label, spec.input, spec.label_field)]
+                split = assign(None if regression else lab)  # float labels: one stratum
                 writers[split].add(sid, str(text), lab, tok, max_length)
         manifests = {}
         for w in writers:
@@ -387,7 +430,8 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
                 label_names=(label_names or [str(k) for k in label_map]) if label_map else None,
                 label_counts=[w.label_counts.get(i, 0) for i in range(len(label_map))] if label_map else None,
                 token_lengths=length_stats(w.full_lengths, max_length) if spec.tokenize and not spec.pack else None,
-                columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None),
+                columns=shard_columns(spec.tokenize, spec.keep_text, label_map is not None or regression, regression),
+                label_stats=label_stats(w.label_sums) if regression else None,
                 source=redact_uri(spec.input), prepare=spec_record(spec, task, seed, max_length))
             with open(os.path.join(tmp, w.name, MANIFEST), "w") as f:
                 f.write(m.to_json())

@@ -8,7 +8,9 @@ a *view* of the shared ``Setup`` (its config, manifests, labels and reader), and
 - an epoch is the task schedule of ``ftdist.multitask.sampling``; every task reads its own stream
   of passes from its cursor, and the cursors are saved in every checkpoint (``TrainState.tasks``);
 - validation runs per task; the combined metric (mean over tasks) is ``val_<metric>``, so best
-  checkpoint, early stopping, Ray's checkpoint retention and sweeps use it unchanged;
+  checkpoint, early stopping, Ray's checkpoint retention and sweeps use it unchanged (a regression
+  task, which has no accuracy, enters the mean with the metric of its own that points the same way:
+  ``combined``);
 - the test split and the export run per task (``ftdist.multitask.export``).
 """
 
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from ftdist import checkpoint as ckpt
 from ftdist import run_folder as layout
 from ftdist import selection, storage
-from ftdist.config import RunConfig, TaskSpec
+from ftdist.config import TASK_METRICS, RunConfig, TaskSpec
 from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import check_compatible, load_manifest, tokenizer_fingerprint
@@ -39,9 +41,9 @@ from ftdist.data.reader import ShardReader
 from ftdist.diagnoses import check_loss_finite
 from ftdist.engine import build_engine, reapply_hyperparameters
 from ftdist.lora import parameter_counts
-from ftdist.loop import (Setup, accumulation_window, evaluate, mid_epoch_checkpoint_due, optimizer_steps_per_epoch,
-                         seed_everything, split_uri, start_worker, train_step)
-from ftdist.metrics import mfu, peak_tflops, per_class_metrics
+from ftdist.loop import (Setup, accumulation_window, evaluate, forward_autocast, mid_epoch_checkpoint_due,
+                         optimizer_steps_per_epoch, seed_everything, split_uri, start_worker, train_step)
+from ftdist.metrics import mfu, peak_tflops, per_class_metrics, regression_metrics
 from ftdist.multitask import sampling
 from ftdist.multitask.model import MultiTaskModel
 from ftdist.multitask.spec import task_views
@@ -49,6 +51,7 @@ from ftdist.session import Session
 from ftdist.tracking import Tracker, open_tracker
 
 TASK = "sequence-classification"
+REGRESSION_OUTPUT = "score"  # the id2label name of a regression head's one output
 
 
 @dataclass
@@ -90,8 +93,11 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
     for spec, vcfg in task_views(cfg):
         manifests = {s: load_manifest(split_uri(vcfg, s), cfg.storage) for s in ("train", "validation", "test")}
         names = spec.label_names or manifests["train"].label_names or []
+        if spec.type == "regression":
+            # one output: HF's regression head (num_labels 1: HF sets problem_type regression, MSE loss)
+            names = [REGRESSION_OUTPUT]
         for s, m in manifests.items():
-            check_compatible(m, split_uri(vcfg, s), TASK, len(names), fp)
+            check_compatible(m, split_uri(vcfg, s), spec.type, len(names), fp)
         plain = vcfg.model.model_copy(update={"lora": None})  # the adapters go into the shared encoder below
         models[spec.name] = load_model(plain, len(names), names, tok.pad_token_id, cfg.storage)
         views.append((spec, vcfg, manifests, names))
@@ -156,18 +162,56 @@ def save_and_report(s: Setup, state: ckpt.TrainState, metrics: dict[str, Any]) -
 
 
 def evaluate_tasks(ms: MultiSetup, split: str, predictions: bool = False) -> dict[str, Any]:
-    """Per task: metrics, (predictions) and confusion matrix on ``split``."""
+    """Per task: metrics, (predictions) and confusion matrix (classification) on ``split``."""
     out = {}
     for t in ms.tasks:
         ms.s.engine.module.active_task = t.name
-        out[t.name] = evaluate(t.view, split, predictions)
+        out[t.name] = evaluate_regression(t.view, split, predictions) if t.spec.type == "regression" \
+            else evaluate(t.view, split, predictions)
     return out
 
 
+def evaluate_regression(s: Setup, split: str, predictions: bool = False
+                        ) -> tuple[dict[str, float], list[tuple[int, float, list[float]]], None]:
+    """A regression task's loss (MSE), rmse and Pearson's r over a whole split, summed across ranks
+    (every rank runs the same number of batches, as ``ftdist.loop.evaluate``), and its predictions."""
+    reader = task_reader(s.cfg, s.session, split, s.manifests, s.tokenizer)
+    sums = torch.zeros(7, dtype=torch.float64)
+    preds: list[tuple[int, float, list[float]]] = []
+    s.engine.eval()
+    with torch.no_grad():
+        for rows in reader.batches(0):
+            batch = collate(rows, s.tokenizer.pad_token_id, "regression", pin_memory=s.device.type == "cuda")
+            with forward_autocast(s):
+                out = s.engine(**{k: v.to(s.device) for k, v in batch.items() if k != "sample_id"})
+            p = out.logits.detach().float().reshape(-1).cpu().double()
+            y = batch["labels"].double()
+            sums += torch.stack([torch.tensor(float(len(rows)), dtype=torch.float64), ((p - y) ** 2).sum(), y.sum(),
+                                 p.sum(), (y * y).sum(), (p * p).sum(), (p * y).sum()])
+            if predictions:
+                preds.extend((i, v, [v]) for i, v in zip(batch["sample_id"].tolist(), p.tolist()))
+    s.engine.train()
+    metrics = regression_metrics(all_reduce(sums.tolist(), s.device))
+    if predictions and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, preds)
+        preds = [p for part in gathered for p in part]
+    return metrics, sorted(preds), None
+
+
 def combined(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The combined metrics: the mean over tasks of each metric."""
-    keys = next(iter(per_task.values())).keys()
-    return {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in keys}
+    """The combined metrics: the mean over tasks of each classification metric (``loss``, ``accuracy``,
+    ``macro_f1``). A regression task has no accuracy: it enters each mean with its own metric that
+    points the same way, its loss (MSE) for ``loss`` (lower is better) and its Pearson r for the
+    higher-is-better ones (r <= 1 like accuracy, 0 for a constant predictor)."""
+    return {k: sum(task_score(m, k) for m in per_task.values()) / len(per_task) for k in TASK_METRICS[TASK]}
+
+
+def task_score(metrics: dict[str, float], key: str) -> float:
+    """A task's value of combined metric ``key`` (see ``combined``)."""
+    if key in metrics:
+        return metrics[key]
+    return metrics["loss" if TASK_METRICS[TASK][key] == "min" else "pearson"]
 
 
 def board_key(key: str) -> str:
@@ -234,7 +278,7 @@ def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
                 task = ms.tasks[i]
                 rows = next(streams[task.name])
                 engine.module.active_task = task.name
-                batch = collate(rows, s.tokenizer.pad_token_id, TASK, pin_memory=s.device.type == "cuda")
+                batch = collate(rows, s.tokenizer.pad_token_id, task.spec.type, pin_memory=s.device.type == "cuda")
                 loss = train_step(task.view, batch, accumulation_window(k, S, gas))
                 if first_step_at is None:
                     first_step_at = time.time()
@@ -286,7 +330,7 @@ def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
         state.history.append(record)
         tracker.log_epoch(state.global_step, {board_key(k): v for k, v in record.items() if isinstance(v, float)})
         log(s, f"epoch {epoch + 1} done: train_loss {train_loss:.4f}, val_{metric} (mean) {val[metric]:.4g}; "
-               + ", ".join(f"{n} val_{metric} {per_task[n][0][metric]:.4g}" for n in names)
+               + ", ".join(f"{n} val_{metric} {task_score(per_task[n][0], metric):.4g}" for n in names)
                + (" (best)" if improved else ""))
         if state.stopped_early:
             log(s, f"early stopping: val_{metric} (mean over tasks) did not improve for "
@@ -323,9 +367,11 @@ def _finish(ms: MultiSetup, state: ckpt.TrainState, throughput: dict[str, Any],
     tasks = {}
     for t in ms.tasks:
         m, _, confusion = per_task[t.name]
-        tasks[t.name] = {"test": m, "label_names": t.view.label_names, "model_uri": uris[t.name],
-                         "loss_weight": t.spec.loss_weight, "batches_per_pass": t.batches,
-                         "test_confusion": confusion, "test_per_class": per_class_metrics(confusion, t.view.label_names)}
+        tasks[t.name] = {"test": m, "type": t.spec.type, "model_uri": uris[t.name],
+                         "loss_weight": t.spec.loss_weight, "batches_per_pass": t.batches}
+        if confusion is not None:
+            tasks[t.name].update({"label_names": t.view.label_names, "test_confusion": confusion,
+                                  "test_per_class": per_class_metrics(confusion, t.view.label_names)})
     result = {
         "epochs": state.history, "best_epoch": state.best_epoch, "best_metric": state.best_metric,
         "eval_metric": cfg.eval_metric, "eval_mode": cfg.eval_mode, "stopped_early": state.stopped_early,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftdist.config import RunConfig
-from ftdist.metrics import majority_baseline
+from ftdist.metrics import majority_baseline, mean_predictor_rmse
 from ftdist.multitask.spec import check_task_data, task_views
 from ftdist.preflight import preflight, prepare_data_if_needed
 
@@ -22,25 +22,31 @@ def multitask_preflight(cfg: RunConfig) -> dict[str, Any]:
     check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage), shared_encoder=True)
     per_task: dict[str, Any] = {}
     for i, (task, view) in enumerate(task_views(cfg)):
-        prepare_data_if_needed(view)
+        prepare_data_if_needed(view, task.type)
         names = check_task_data(cfg, i, task)
-        view.model.num_labels = len(names)
-        per_task[task.name] = preflight(view)
+        if names:
+            view.model.num_labels = len(names)
+        per_task[task.name] = {**preflight(view, task.type), "type": task.type}
     first = next(iter(per_task.values()))
     return {**first, "tasks": per_task}
 
 
 def add_task_summary(summary: dict[str, Any], facts: dict[str, Any]) -> None:
-    """Each task's majority baseline beside its test metrics; the run's baseline is their mean
-    (comparable with the combined test accuracy, itself the mean over tasks)."""
+    """Each task's baseline beside its test metrics: the majority class's accuracy (classification),
+    the RMSE of predicting the train split's mean label (regression). The run's majority baseline is
+    the mean over the classification tasks."""
     baselines = []
     for name, t in summary.get("tasks", {}).items():
         f = facts["tasks"][name]
-        base = majority_baseline(f["label_counts"].get("test") or None)
-        t["baseline"] = {"majority_class_accuracy": base}
+        if f.get("type") == "regression":
+            stats = f.get("label_stats") or {}
+            t["baseline"] = {"mean_predictor_rmse": mean_predictor_rmse(stats.get("train"), stats.get("test"))}
+        else:
+            base = majority_baseline(f["label_counts"].get("test") or None)
+            t["baseline"] = {"majority_class_accuracy": base}
+            if base is not None:
+                baselines.append(base)
         t["rows"] = f["rows"]
-        if base is not None:
-            baselines.append(base)
     summary["baseline"] = {"majority_class_accuracy": sum(baselines) / len(baselines) if baselines else None}
 
 
@@ -49,7 +55,9 @@ def task_lines(summary: dict[str, Any]) -> list[str]:
     out = []
     for name, t in (summary.get("tasks") or {}).items():
         test = "  ".join(f"{k} {v:.4f}" for k, v in t["test"].items())
-        base = (t.get("baseline") or {}).get("majority_class_accuracy")
-        vs = f"  (majority baseline {base:.4f})" if base is not None else ""
+        base = t.get("baseline") or {}
+        vs = "".join(f"  ({what} baseline {base[key]:.4f})" for key, what in
+                     (("majority_class_accuracy", "majority"), ("mean_predictor_rmse", "mean-predictor rmse"))
+                     if base.get(key) is not None)
         out.append(f"  task {name}: test {test}{vs}; model {t['model_uri']}")
     return out

@@ -14,6 +14,8 @@ from ftdist.uri import join_uri
 from ftdist.data.manifest import load_manifest
 from ftdist.errors import UserError
 
+TASK_CLS = "sequence-classification"
+
 
 def task_config(cfg: RunConfig, task: TaskSpec) -> RunConfig:
     """``cfg`` as a single-task run on ``task``'s data set and labels."""
@@ -28,22 +30,27 @@ def task_views(cfg: RunConfig) -> list[tuple[TaskSpec, RunConfig]]:
 
 
 def check_task_data(cfg: RunConfig, index: int, task: TaskSpec) -> list[str]:
-    """The task's label names as its data set has them; one line (UserError) for a data set of
-    another task type or whose labels do not match ``label_names``."""
+    """The task's label names as its data set has them (none for a regression task); one line
+    (UserError) for a data set of another task type or whose labels do not match ``label_names``."""
     where = f"tasks[{index}] ('{task.name}')"
     names: list[str] | None = None
     for split in ("train", "validation", "test"):
         uri = join_uri(task.data.path, split)
         m = load_manifest(uri, cfg.storage)
         if m.task != task.type:
-            raise UserError(f"{where}: data set '{uri}' was prepared for task {m.task}, not {task.type}; "
-                            f"point tasks[{index}].data.path at a {task.type} data set")
+            hint = (f"prepare it with --task {task.type}" if {m.task, task.type} <= {"regression", TASK_CLS}
+                    else f"point tasks[{index}].data.path at a {task.type} data set")
+            raise UserError(f"{where}: data set '{uri}' was prepared for task {m.task}, not {task.type}; {hint}")
+        if task.type == "regression":
+            continue
         if not m.label_names:
             raise UserError(f"{where}: data set '{uri}' has no labels; re-prepare it with a label field")
         if names is not None and m.label_names != names:
             raise UserError(f"{where}: split '{uri}' has labels {m.label_names}, the train split {names}; "
                             f"re-prepare the data set")
         names = m.label_names
+    if task.type == "regression":
+        return []
     assert names is not None
     if task.label_names is not None and len(task.label_names) != len(names):
         raise UserError(f"{where}: label_names has {len(task.label_names)} names but data set '{task.data.path}' "
