@@ -180,7 +180,7 @@ def _is_tied(key: str, model: PreTrainedModel) -> bool:
     return any(key.endswith(n) for n in names)
 
 
-def parameter_counts(model: PreTrainedModel) -> tuple[int, int]:
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(all, trainable) parameters; under ZeRO-3 a parameter's full size is ``ds_numel`` (its local
     tensor is a partition or empty)."""
     total = trainable = 0

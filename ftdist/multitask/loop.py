@@ -23,7 +23,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from ftdist.uri import join_uri
 from ftdist.data.collate import collate
 from ftdist.data.manifest import check_compatible, load_manifest, tokenizer_fingerprint
 from ftdist.data.reader import ShardReader
+from ftdist.data.replay import ReplayMix
 from ftdist.diagnoses import check_loss_finite
 from ftdist.engine import build_engine, reapply_hyperparameters
 from ftdist.lora import parameter_counts
@@ -91,13 +92,13 @@ def setup(cfg: RunConfig, session: Session) -> MultiSetup:
     views, models = [], {}
     torch.manual_seed(cfg.run.seed)  # identical heads on every rank
     for spec, vcfg in task_views(cfg):
-        manifests = {s: load_manifest(split_uri(vcfg, s), cfg.storage) for s in ("train", "validation", "test")}
+        manifests = {sp: load_manifest(split_uri(vcfg, sp), cfg.storage) for sp in ("train", "validation", "test")}
         names = spec.label_names or manifests["train"].label_names or []
         if spec.type == "regression":
             # one output: HF's regression head (num_labels 1: HF sets problem_type regression, MSE loss)
             names = [REGRESSION_OUTPUT]
-        for s, m in manifests.items():
-            check_compatible(m, split_uri(vcfg, s), spec.type, len(names), fp)
+        for sp, m in manifests.items():
+            check_compatible(m, split_uri(vcfg, sp), spec.type, len(names), fp)
         plain = vcfg.model.model_copy(update={"lora": None})  # the adapters go into the shared encoder below
         models[spec.name] = load_model(plain, len(names), names, tok.pad_token_id, cfg.storage)
         views.append((spec, vcfg, manifests, names))
@@ -134,7 +135,7 @@ def task_reader(vcfg: RunConfig, session: Session, split: str, manifests: dict[s
                        max_length=d.max_length)
 
 
-def task_stream(reader: ShardReader, cursor: int, per_pass: int) -> Iterator[list[dict[str, Any]]]:
+def task_stream(reader: ShardReader | ReplayMix, cursor: int, per_pass: int) -> Generator[list[dict[str, Any]], None, None]:
     """A task's batches from stream position ``cursor`` on, pass after pass (reader epoch = pass)."""
     p, b = sampling.reader_position(cursor, per_pass)
     while True:
