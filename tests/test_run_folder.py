@@ -54,38 +54,28 @@ def test_a_run_resumed_on_another_worker_count_is_accepted_and_said(started_run,
     assert "started on 2 worker(s), resuming on 1" in out and "re-partitioned" in out, out
 
 
-def test_a_multitask_run_resumed_on_another_worker_count_is_refused(tmp_path, tiny_bert, cls_data, capsys):
+@pytest.mark.parametrize("kind, says", [("multi-task", "a multi-task run"), ("replay", "data.replay")])
+def test_runs_whose_positions_are_not_re_planned_refuse_another_worker_count(kind, says, tmp_path, tiny_bert,
+                                                                              cls_data, capsys):
+    """A multi-task run keeps a stream position per task, a run with data.replay one per replay
+    source; the resize re-plan covers neither, so both resume only on their own worker count."""
     from ftdist.config import validate
     from ftdist.preflight import write_run_marker
 
-    cfg = base_config(tiny_bert, "unused", str(tmp_path / "runs"), run={"name": "mt"})
-    del cfg["data"]["path"]
-    cfg["tasks"] = [{"name": "a", "data": {"path": cls_data}}, {"name": "b", "data": {"path": cls_data}}]
+    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "r"})
+    if kind == "multi-task":
+        del cfg["data"]["path"]
+        cfg["tasks"] = [{"name": "a", "data": {"path": cls_data}}, {"name": "b", "data": {"path": cls_data}}]
+    else:
+        cfg["data"]["replay"] = {"paths": [cls_data], "fraction": 0.2}
     write_run_marker(validate(cfg))
-    run = tmp_path / "runs" / "mt"
+    run = tmp_path / "runs" / "r"
     before = _snapshot(run)
     cfg["scaling"]["num_workers"] = 1
     code, err = _run_cli(tmp_path, cfg, capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "2 worker" in err and "1 worker" in err and "scaling.num_workers=2" in err, err
-    assert _snapshot(run) == before
-
-
-def test_a_run_with_replay_resumed_on_another_worker_count_is_refused(tmp_path, tiny_bert, cls_data, capsys):
-    """data.replay keeps a position per replay source that the resize re-plan does not cover."""
-    from ftdist.config import validate
-    from ftdist.preflight import write_run_marker
-
-    cfg = base_config(tiny_bert, cls_data, str(tmp_path / "runs"), run={"name": "rp"})
-    cfg["data"]["replay"] = {"paths": [cls_data], "fraction": 0.2}
-    write_run_marker(validate(cfg))
-    run = tmp_path / "runs" / "rp"
-    before = _snapshot(run)
-    cfg["scaling"]["num_workers"] = 1
-    code, err = _run_cli(tmp_path, cfg, capsys)
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "data.replay" in err and "scaling.num_workers=2" in err, err
+    assert says in err and "2 worker" in err and "1 worker" in err and "scaling.num_workers=2" in err, err
     assert _snapshot(run) == before
 
 
