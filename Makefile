@@ -57,12 +57,13 @@ test: $(STAMP) $(MLFLOW_SERVER_STAMP)
 	$(BIN)/mypy ftdist
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
-# The edit loop: every test not marked slow (no Ray cluster, no training run); the full suite is `make test`.
+# The edit loop: every test not marked slow (no Ray cluster, no training run), in two processes (pytest-xdist;
+# unit tests share no state); the full suite is `make test`, serial, because its runs size Ray to the cores.
 test-fast: $(STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy ftdist
-	$(BIN)/python -m pytest -q -x -m "not slow" tests
+	$(BIN)/python -m pytest -q -x -n 2 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .cache runs
