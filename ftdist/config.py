@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ftdist.errors import UserError
 from ftdist.overrides import apply_overrides, known_paths, read_yaml, validation_message
-from ftdist.redaction import ENV_REF, has_env_ref, redact, resolve_env_refs
-from ftdist.uri import is_uri, join_uri
+from ftdist.redaction import has_env_ref, redact, resolve_env_refs
+from ftdist.uri import absolute_local_path, is_uri, join_uri
 
 TASKS = ("sequence-classification", "causal-lm", "masked-lm")
 #: what a prepared data set can be for: a model task, or ``regression`` (float labels; a multi-task run's task type)
@@ -495,11 +495,11 @@ def absolutize_local_paths(cfg: RunConfig) -> RunConfig:
     """Relative local paths are taken from the current directory (as any CLI does) and made
     absolute, because Ray workers run in another working directory."""
     def fix(p: str | None, must_exist: bool = False) -> str | None:
-        if p is None or is_uri(p) or os.path.isabs(p) or ENV_REF.search(p):  # a reference: fixed once resolved
+        if p is None:
             return p
-        if must_exist and not os.path.exists(os.path.expanduser(p)) and not p.startswith((".", "~")):
+        if must_exist and not os.path.exists(os.path.expanduser(p)) and not p.startswith((".", "~")) and not is_uri(p):
             return p  # a hub id such as "bert-base-uncased" or "org/model"
-        return os.path.abspath(os.path.expanduser(p))
+        return absolute_local_path(p)
 
     cfg.model.path = fix(cfg.model.path, must_exist=True)  # type: ignore[assignment]
     cfg.model.tokenizer = fix(cfg.model.tokenizer, must_exist=True)

@@ -26,7 +26,7 @@ from ftdist.errors import UserError
 from ftdist.overrides import did_you_mean, known_paths, parse_override, read_yaml, set_dotted, validation_message
 from ftdist.pipeline import layout
 from ftdist.redaction import redact
-from ftdist.uri import join_uri
+from ftdist.uri import absolute_local_path, join_uri
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 STAGE_REF = re.compile(r"\$\{stage:([^}]*)\}")
@@ -140,7 +140,7 @@ def load_pipeline(path: str, overrides: list[str] | None = None, data: dict[str,
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as e:
         raise UserError(validation_message(e, source, PIPELINE_KEYS)) from None
-    storage = absolutize_storage(spec.storage)
+    storage = spec.storage.model_copy(update={"path": absolute_local_path(spec.storage.path)})
     uri = join_uri(storage.path, spec.name)
     names = [s.name for s in spec.stages]
     if len(set(names)) != len(names):
@@ -190,13 +190,6 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> 
         key, value = parse_override(item)
         set_dotted(raw, key, value, PIPELINE_KEYS)
     return raw
-
-
-def absolutize_storage(storage: StorageSection) -> StorageSection:
-    path = storage.path
-    if "://" not in path and not path.startswith("${") and not os.path.isabs(path):
-        path = os.path.abspath(os.path.expanduser(path))
-    return storage.model_copy(update={"path": path})
 
 
 def resolve_stage_refs(raw: Any, names: list[str], index: int, pipeline_uri: str, where: str) -> Any:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ftdist.config import KNOWN_PATHS, TASK_METRICS, RunConfig, absolutize_local_paths, accepts_key, validate
 from ftdist.errors import UserError
 from ftdist.overrides import apply_overrides, did_you_mean, parse_override, read_yaml, set_dotted, validation_message
-from ftdist.uri import join_uri
+from ftdist.uri import absolute_local_path, join_uri
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "hyperband", "pbt", "median", "fifo")
@@ -463,9 +463,7 @@ def resolve_sweep(spec: SweepSpec, base_raw: dict[str, Any] | None = None) -> Re
     _validate(first, "sweep spec: a sampled trial config")
     max_epochs = max_value(spec, "train.epochs", cfg.train.epochs)
     _check_scheduler(spec, max_epochs)
-    storage_path = spec.storage_path or cfg.storage.path
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(os.path.expanduser(storage_path))
+    storage_path = absolute_local_path(spec.storage_path or cfg.storage.path)
     return ResolvedSweep(spec, base, metric, mode, storage_path, int(max_epochs))
 
 
