@@ -100,6 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     from ftdist.engine import build_engine, deepspeed_config, init_distributed, optimizer_state_bytes, \
         resolve_precision
     from ftdist.lora import parameter_counts
+    from ftdist.loop import configure_host_allocator
     from ftdist.modeling import load_model
 
     torch.set_num_threads(args.threads)
@@ -111,6 +112,7 @@ def worker(args: argparse.Namespace) -> None:
                             "data": {"path": "unused"},
                             "train": {"batch_size": args.batch, "precision": args.precision}},
                       overrides=VARIANTS[args.variant])
+    configure_host_allocator(cfg)  # as ftdist.loop.start_worker
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
     init_distributed(device.type)

@@ -206,6 +206,8 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
     memory_per_worker_gb: float | None = Field(None, gt=0)
+    enforce_memory_limit: bool = Field(False, description="each worker fails in one line when its memory (data "
+                                                          "segment) would pass memory_per_worker_gb")
     accelerator_type: str | None = None
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
@@ -219,6 +221,9 @@ class ScalingSection(Section):
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"scaling.min_workers ({self.min_workers}) is more than scaling.num_workers "
                              f"({self.num_workers}, the most workers); lower min_workers or raise num_workers")
+        if self.enforce_memory_limit and self.memory_per_worker_gb is None:
+            raise ValueError("scaling.enforce_memory_limit needs scaling.memory_per_worker_gb (the limit); set it, "
+                             "e.g. scaling.memory_per_worker_gb: 16")
         return self
 
 

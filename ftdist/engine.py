@@ -119,7 +119,8 @@ def zero3_sizes(hidden_size: int | None) -> dict[str, int]:
         return {}
     h = int(hidden_size)
     return {"stage3_max_live_parameters": 24 * h * h, "stage3_max_reuse_distance": 24 * h * h,
-            "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+            "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
+            "sub_group_size": 24 * h * h}
 
 
 def model_hidden_size(model: torch.nn.Module) -> int | None:
@@ -215,7 +216,36 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_optimizer_steps: 
         # One rank without ZeRO: DeepSpeed would still flatten every gradient, all-reduce it with
         # itself and copy it back, each step (+7% step time on CPU, bench/RESULTS.md).
         engine.enable_backward_allreduce = False
+    share_master_partitions(engine)
     return engine, scheduler
+
+
+def share_master_partitions(engine: Any) -> int:
+    """Under ZeRO-3 with fp32 parameters, make the optimizer's fp32 partitions the parameters' own
+    partitions instead of copies; the bytes freed on this rank.
+
+    Why: ftdist keeps parameters in fp32 (mixed precision runs under ``torch.autocast``), so the
+    "master" copy DeepSpeed makes of each rank's partition duplicates it, 4 bytes per parameter per
+    worker. DeepSpeed 0.19 means to share them in that case, but its check compares ``tensor.device``
+    with a device *name* string, which never holds, so it copies (on CPU and CUDA alike). The values
+    are the same at every step either way: the optimizer updates the shared tensor, and DeepSpeed's
+    copy back into the parameters becomes a copy onto itself. Offloaded partitions (another device)
+    and 16-bit parameters keep their copies."""
+    opt = getattr(engine, "optimizer", None)
+    low = getattr(opt, "fp16_partitioned_groups_flat", None)
+    master = getattr(opt, "fp32_partitioned_groups_flat", None)
+    inner = base_optimizer(engine)
+    if not low or not master or len(low) != len(master) or inner is None:
+        return 0
+    if any(inner.state.get(m) for m in master):  # moments exist: leave it as built
+        return 0
+    freed = 0
+    for lp, hp in zip(low, master):
+        if (lp.dtype == hp.dtype and lp.device == hp.device and lp.shape == hp.shape
+                and lp.untyped_storage().data_ptr() != hp.untyped_storage().data_ptr()):
+            freed += hp.numel() * hp.element_size()
+            hp.data = lp.data
+    return freed
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer | None:
@@ -233,6 +263,20 @@ def optimizer_state_bytes(engine: Any) -> int:
         return 0
     return sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
                if isinstance(v, torch.Tensor))
+
+
+def release_optimizer_state(engine: Any) -> None:
+    """Drop the optimizer's moments once training is over (the last checkpoint keeps them).
+
+    Why: exporting under ZeRO-3 gathers the whole model on rank 0 while every rank still holds its
+    partition of Adam's two moments, 8 bytes per parameter divided by the workers; freed first, the
+    export's peak is no higher than training's (tests/test_memory_budget.py)."""
+    import gc
+
+    opt = base_optimizer(engine)
+    if opt is not None:
+        opt.state.clear()
+        gc.collect()
 
 
 def memory_levers(engine: Any) -> dict[str, Any]:

@@ -32,6 +32,13 @@ class RunFailed(Exception):
         super().__init__(" ".join(message.split()))
 
 
+class MemoryLimitExceeded(RunFailed):
+    """A worker needed more memory than ``scaling.memory_per_worker_gb`` under
+    ``scaling.enforce_memory_limit``: the run stops in one line (exit code 1) instead of the kernel's
+    OOM killer taking some process of the node. Completed checkpoints are kept; the message names the
+    levers that lower a worker's memory."""
+
+
 class StorageUnavailable(RunFailed):
     """Object storage stayed unreachable through every retry: an outage, not the user's mistake.
 

@@ -40,6 +40,11 @@ def diverged_loss_from_ray(exc: BaseException) -> str | None:
     return error_line_from_ray(exc, "LossDiverged")
 
 
+def memory_limit_from_ray(exc: BaseException) -> str | None:
+    """A worker's MemoryLimitExceeded (scaling.enforce_memory_limit): its line."""
+    return error_line_from_ray(exc, "MemoryLimitExceeded")
+
+
 def describe_failure(exc: BaseException) -> str | None:
     """One line from Ray Train's WorkerGroupError (per failed rank) or ControllerError (None if neither)."""
     for e in _exc_chain(exc):

@@ -25,7 +25,8 @@ from ftdist.config import RunConfig, config_record
 from ftdist.uri import join_uri
 from ftdist.diagnoses import diagnose
 from ftdist.errors import RunFailed
-from ftdist.failures import describe_failure, diverged_loss_from_ray, storage_outage_from_ray, user_error_from_ray
+from ftdist.failures import (describe_failure, diverged_loss_from_ray, memory_limit_from_ray, storage_outage_from_ray,
+                             user_error_from_ray)
 from ftdist.metrics import majority_baseline
 from ftdist.mlflow_tracking import log_run_outputs
 from ftdist.multitask.preflight import add_task_summary, multitask_preflight, task_lines
@@ -116,7 +117,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
         ue = user_error_from_ray(e)
         if ue is not None:
             raise ue from None
-        diverged = diverged_loss_from_ray(e)
+        diverged = diverged_loss_from_ray(e) or memory_limit_from_ray(e)
         if diverged is not None:
             raise RunFailed(f"run '{cfg.run.name}' failed: {diverged}") from None
         outage = storage_outage_from_ray(e)

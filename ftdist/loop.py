@@ -38,9 +38,10 @@ from ftdist.data.masking import EVAL_KEYS, Masker
 from ftdist.data.reader import Resize, ShardReader, num_batches
 from ftdist.data.replay import ReplayMix, replay_manifests
 from ftdist.engine import (Precision, build_engine, deepspeed_config, engine_autocasts, follow_schedule,
-                           init_distributed, memory_levers, optimizer_state_bytes, reapply_hyperparameters,
+                           init_distributed, memory_levers, optimizer_state_bytes, reapply_hyperparameters, release_optimizer_state,
                            rescheduled, resolve_precision)
 from ftdist.freezing import apply_freeze
+from ftdist.host_memory import return_freed_memory_to_os, saves_host_memory
 from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite
@@ -145,11 +146,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_host_allocator(cfg: RunConfig) -> bool:
+    """Give freed host memory back to the OS promptly where the run asked to save memory (ZeRO-3 or
+    an offload; ``ftdist.host_memory`` says why). True when the setting took."""
+    ds = cfg.deepspeed
+    return saves_host_memory(ds.zero_stage, ds.offload_optimizer, ds.offload_params) and return_freed_memory_to_os()
+
+
 def start_worker(cfg: RunConfig, session: Session) -> tuple[torch.device, Precision, Any]:
     """What every worker loop does first (single- and multi-task): its device, the process group,
     seeds, the precision it can run, and the tokenizer."""
     from ftdist.modeling import load_tokenizer
 
+    configure_host_allocator(cfg)
     device = pick_device(cfg, session.local_rank)
     init_distributed(device.type)
     seed_everything(cfg.run.seed + session.rank)
@@ -536,11 +545,12 @@ def _finish(s: Setup, state: ckpt.TrainState, throughput: dict[str, Any], first_
     _log(s, "test: " + ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
     from ftdist.export import export_model
 
+    opt_bytes = _all_reduce([float(optimizer_state_bytes(s.engine))], s.device)[0]  # ZeRO: each rank holds a part
+    release_optimizer_state(s.engine)  # the last checkpoint holds it: room for the export's gathered weights
     model_uri = join_uri(cfg.run_uri(), layout.MODEL)
     export_model(s.engine, cfg, s.tokenizer, model_uri, session.rank,
                  extra={"best_epoch": state.best_epoch, "test": test, "label_names": s.label_names,
                         "max_length": s.manifests["train"].max_length or cfg.data.max_length})
-    opt_bytes = _all_reduce([float(optimizer_state_bytes(s.engine))], s.device)[0]  # ZeRO: each rank holds a part
     node_ids: list[Any] = [session.node_id()]
     rss: list[Any] = [s.rss_mb]
     if dist.is_initialized() and dist.get_world_size() > 1:

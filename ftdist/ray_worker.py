@@ -15,6 +15,8 @@ from typing import Any
 
 from ftdist import storage
 from ftdist.config import RunConfig
+from ftdist.errors import MemoryLimitExceeded
+from ftdist.host_memory import is_allocation_failure, limit_data_segment
 from ftdist.uri import join_uri
 
 
@@ -120,9 +122,32 @@ def worker_entry(config: dict[str, Any]) -> None:
     quiet_library_noise()
     # The config arrives with its ${env:...} references (never their values): resolve them here.
     cfg = RunConfig.model_validate(config["config"]).resolved()
-    if cfg.tasks:
-        from ftdist.multitask.loop import train_worker as train_multitask
+    session = RaySession(cfg, config.get("restore_from"))
+    with memory_limit(cfg, session.rank):
+        if cfg.tasks:
+            from ftdist.multitask.loop import train_worker as train_multitask
 
-        train_multitask(cfg, RaySession(cfg, config.get("restore_from")))
+            train_multitask(cfg, session)
+        else:
+            train_worker(cfg, session)
+
+
+@contextlib.contextmanager
+def memory_limit(cfg: RunConfig, rank: int) -> Iterator[None]:
+    """Hold this worker to ``scaling.memory_per_worker_gb`` when ``scaling.enforce_memory_limit``
+    is on (``ftdist.host_memory`` says why), and turn a refused allocation into one line."""
+    sc = cfg.scaling
+    if not sc.enforce_memory_limit or sc.memory_per_worker_gb is None:
+        yield
         return
-    train_worker(cfg, RaySession(cfg, config.get("restore_from")))
+    limit_data_segment(int(sc.memory_per_worker_gb * 2**30))
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_allocation_failure(e):
+            raise
+        raise MemoryLimitExceeded(
+            f"rank {rank} needed more memory than scaling.memory_per_worker_gb ({sc.memory_per_worker_gb:g} GB, "
+            f"held by scaling.enforce_memory_limit): lower a worker's memory with deepspeed.zero_stage: 3, "
+            f"deepspeed.offload_optimizer, model.lora, model.gradient_checkpointing or more workers "
+            f"(scaling.num_workers), or raise the limit") from None

@@ -133,6 +133,8 @@ CASES = {
     "config-offload-params-stage": (lambda w: train(w, deepspeed={"offload_params": True}), "needs deepspeed.zero_stage: 3"),
     "config-min-workers-above-max": (lambda w: train(w, scaling={"min_workers": 3}),
                                      "scaling.min_workers (3) is more than scaling.num_workers (2"),
+    "config-memory-limit-without-size": (lambda w: train(w, scaling={"enforce_memory_limit": True}),
+                                         "scaling.enforce_memory_limit needs scaling.memory_per_worker_gb"),
     "config-elastic-multitask": (lambda w: ["train", _write(w, _multitask(w, scaling={"min_workers": 1}))],
                                  "scaling.min_workers: a multi-task run resumes only on the number"),
     "config-metric-not-reported": (lambda w: train(w, train={"eval_metric": "perplexity"}), "not reported for task"),
