@@ -117,7 +117,8 @@ def heatmap_png(R: Matrix, baseline: list[float | None], rows: list[str], column
             text = (NOT_SCORED if not marks[i][j] else "n/a" if v is None
                     else f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}")
             ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                    color="white" if not math.isnan(shade[i][j]) and shade[i][j] > 0.6 else "black")
+                    color="grey" if not marks[i][j] else "white" if not math.isnan(shade[i][j]) and shade[i][j] > 0.6
+                    else "black")
     ax.set_xticks(range(len(columns)), [f"{c.name}\n{c.metric} ({'↑' if c.mode == 'max' else '↓'})" for c in columns],
                   fontsize=8)
     ax.set_yticks(range(len(table)), labels, fontsize=8)
