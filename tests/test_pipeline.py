@@ -189,6 +189,104 @@ def test_heatmap_is_a_png_with_one_cell_row_per_model():
 
 
 # ---------------------------------------------------------------------------------------------
+# What is measured between stages: only entries a summary or the matrix uses, each model loaded once
+
+
+def _export(folder: str, auto_cls, tiny_bert: str, seed: int, **config) -> None:
+    """A stage's export without training it: the tiny BERT's shape with the stage's head, seeded."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_bert, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        auto_cls.from_config(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+
+
+def test_between_stages_only_used_entries_are_scored_and_the_summaries_equal_scoring_everything(
+        tmp_path, tiny_bert, cls_data, monkeypatch):
+    """Three stages (masked LM, classification, masked LM on other text; each export faked): after each,
+    what the runner measures. The starting model is not scored on the first stage's sets (no summary
+    uses b[j] there) but is on the third's (FWT), each model is loaded once for all the sets it scores,
+    and the summaries equal those of the full matrix, every entry scored one at a time."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from conftest import NAMES
+    from ftdist.config import PrepareSection, StorageSection
+    from ftdist.data.prepare import prepare
+    from ftdist.pipeline import evaluate, runner
+    from ftdist.pipeline.forgetting import NOT_SCORED, Column
+
+    texts = {name: write_jsonl(tmp_path / f"{name}.jsonl", [{"text": r["text"] + extra} for r in synthetic_rows(60, i)])
+             for i, (name, extra) in enumerate([("mlm", ""), ("gen", " of the year"), ("mlm2", " on the road")])}
+    for name, raw in texts.items():
+        prepare(PrepareSection(input=str(raw), label_field=None), str(tmp_path / f"ds-{name}"), tiny_bert, 64,
+                "masked-lm", StorageSection())
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [
+        _stage("mlm", tiny_bert, str(tmp_path / "ds-mlm"), "masked-lm",
+               eval=[{"name": "in-domain"}, {"name": "general", "data": str(tmp_path / "ds-gen")}]),
+        _stage("task", "${stage:mlm}", cls_data),
+        _stage("mlm2", "${stage:task}", str(tmp_path / "ds-mlm2"), "masked-lm")]))
+    _export(layout.stage_export_uri(p.uri, "mlm"), AutoModelForMaskedLM, tiny_bert, 1)
+    _export(layout.stage_export_uri(p.uri, "task"), AutoModelForSequenceClassification, tiny_bert, 2,
+            num_labels=len(NAMES))
+    _export(layout.stage_export_uri(p.uri, "mlm2"), AutoModelForMaskedLM, tiny_bert, 3)
+
+    loads: list[tuple[int, str]] = []
+    real_load = evaluate.load_for_set
+
+    def counted(p_, row, s):
+        loads.append((row, s.name))
+        return real_load(p_, row, s)
+
+    monkeypatch.setattr(evaluate, "load_for_set", counted)
+    records, per_stage = [], []
+    for i, st in enumerate(p.stages):  # what run_pipeline does after stage i has trained
+        loads.clear()
+        seconds = runner._measure(p, runner.wanted_after(p, i))
+        per_stage.append(len(loads))
+        records.append({"name": st.name, "task": st.config.model.task, "stage_s": 10.0, "evaluation_s": seconds,
+                        "between_s": seconds, "skipped": False, "resumed": False, "test": None})
+        summary = runner.write_summary(p, records, 0.0)
+    # the reference: every entry of the matrix and the start row, one at a time as before
+    monkeypatch.setattr(evaluate, "load_for_set", real_load)
+    from ftdist.modeling import load_tokenizer
+
+    def one(row: int, s) -> float | None:
+        loaded = real_load(p, row, s)
+        if loaded is None:
+            return None
+        return evaluate.score(loaded[0], load_tokenizer(evaluate.model_uri(p, row), cfg=p.storage), s, p.storage)
+
+    full = [[one(row, s) for s in p.sets] for row in (-1, 0, 1, 2)]
+    assert all(v is not None for v in full[0][:2] + full[0][3:])  # the skipped entries exist and are finite
+    scored = summary["scored"]
+    for r, (got, want, done) in enumerate(zip([summary["start"], *summary["matrix"]], full, scored)):
+        for g, w, d in zip(got, want, done):
+            assert (g is None and not d) or (g is None if w is None else g == pytest.approx(w, rel=1e-6)), (r, got)
+    cols = [Column(s.name, s.stage, s.metric, s.mode) for s in p.sets]
+    expected = summaries(full[1:], full[0], cols)
+    assert summary["summaries"].keys() == expected.keys()
+    for metric, want in expected.items():
+        got = summary["summaries"][metric]
+        assert got["terms"] == want["terms"] and got["sets"] == want["sets"], metric
+        for k in ("acc", "bwt", "fwt"):
+            assert (got[k] is None) == (want[k] is None) and (want[k] is None or got[k] == pytest.approx(want[k])), k
+    assert expected["perplexity"]["terms"]["fwt"] == 1  # mlm2's R[1][j] - b[j]: the one start entry FWT uses
+    assert scored == [[False, False, True, True], [True, True, True, False], [True, True, True, True],
+                      [True, True, True, True]]
+    lines = runner.format_pipeline(summary).splitlines()
+    start_line = next(x for x in lines if x.split()[:1] == ["start"])
+    assert start_line.count(NOT_SCORED) == 2 and start_line.split()[-2] == "-"  # task: measured, no head
+    start = json.loads((Path(p.uri) / "evaluations" / layout.START_EVALUATION).read_text())
+    assert sorted(start) == ["mlm2", "task"]  # in-domain, general: never used, never scored
+    # one load per model: after stage 1 the two sets share it; after stage 3: the new model with its
+    # masked-LM head and with the task's head, the previous model (FWT), the starting model (b for mlm2)
+    assert per_stage == [1, 2, 4], per_stage
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end: masked-LM stage, then the task from its export; a failure in stage 2, then a rerun
 
 
@@ -276,9 +374,12 @@ def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_
     assert R[1][2] == pytest.approx(_direct_accuracy(root / "stages" / "task" / "model",
                                                      tmp_path / "ds-cls" / "validation"), abs=1e-9)
     assert R[0][2] is None and start[2] is None  # no head for the task before its stage
-    assert all(v is not None and math.isfinite(v) for v in (R[0][0], R[0][1], R[1][0], R[1][1], start[0], start[1]))
+    assert all(v is not None and math.isfinite(v) for v in (R[0][0], R[0][1], R[1][0], R[1][1]))
+    assert start[:2] == [None, None] and summary["scored"][0] == [False, False, True]  # no summary uses them
     assert R[1][0] != R[0][0]  # the task's encoder under the masked-LM stage's head: another model
-    assert R[0][0] < start[0]  # masked-LM training lowered in-domain perplexity
+    from ftdist.pipeline.evaluate import evaluate_entry
+
+    assert R[0][0] < evaluate_entry(p, -1, p.sets[0])["value"]  # masked-LM training lowered in-domain perplexity
     ppl = summary["summaries"]["perplexity"]
     assert ppl["bwt"] == pytest.approx(((R[1][0] - R[0][0]) + (R[1][1] - R[0][1])) / 2)
     assert ppl["acc"] == pytest.approx((R[1][0] + R[1][1]) / 2) and summary["summaries"]["accuracy"]["fwt"] is None
@@ -287,8 +388,6 @@ def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_
     assert summary["overhead"]["ratio"] is not None and summary["overhead"]["between_stages_s"] >= 0
 
     # the same pipeline folder in S3 (moto's server): an entry measured from the exports there is the same
-    from ftdist.pipeline.evaluate import evaluate_entry
-
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     fs = s3_server.fs()
     for f in (f for f in root.rglob("*") if f.is_file()):

@@ -1,4 +1,4 @@
-"""One entry of the forgetting matrix: the model after a stage (or the starting model) on one evaluation
+"""Entries of the forgetting matrix: the model after a stage (or the starting model) on an evaluation
 set, scored by the training loop's own evaluation (:func:`ftdist.evaluation.evaluate_batches`).
 
 Which weights score set ``j`` after stage ``i``: the encoder of stage ``i``'s export, with the head of
@@ -14,12 +14,22 @@ The encoder is every weight under the model's ``base_model_prefix`` (``bert.``..
 to the head (a masked-LM export has none), so it is kept from the head's stage. Masked-LM sets are
 masked as the declaring stage's validation pass masks them (its seed, batch size, key), so ``R[s][s]``
 equals that stage's validation perplexity on one worker.
+
+:func:`evaluate_entries` measures several entries at once: each model (a row's encoder under one head) is
+loaded once for every set it scores, and the sets are scored in parallel, one per worker thread, with the
+machine's cores split between the workers. Why: a single pass over two OpenMP threads slowed 3-7x on a
+2-core machine that other processes were also using (the threads wait for each other at every operator),
+while one-thread passes side by side do not (bench/RESULTS.md); each entry's value is the same either way.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -172,11 +182,82 @@ def score(model: Any, tokenizer: Any, s: EvalSet, storage_cfg: Any) -> float:
 
 def evaluate_entry(p: Pipeline, row: int, s: EvalSet) -> dict[str, Any]:
     """``{"value": R[row][s] or None, "head_trained": bool}`` for the model after ``row`` (-1: start)."""
-    from ftdist.modeling import load_tokenizer
+    return evaluate_entries(p, [(row, s)])[(row, s.name)]
 
-    loaded = load_for_set(p, row, s)
-    if loaded is None:
-        return {"value": None, "head_trained": False}
-    model, trained = loaded
-    tok = load_tokenizer(model_uri(p, row), cfg=p.storage)
-    return {"value": score(model, tok, s, p.storage), "head_trained": trained}
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Models:
+    """The models of a batch of entries, each loaded once (one load at a time: loading seeds torch's
+    global RNG and sets transformers' log level) and dropped after the last set it scores."""
+
+    def __init__(self, p: Pipeline, uses: Counter[tuple[int, int, str]]) -> None:
+        self.p, self.uses = p, uses
+        self.lock, self.load_lock = threading.Lock(), threading.Lock()
+        self.models: dict[tuple[int, int, str], Future[tuple[Any, bool]]] = {}
+        self.loads = 0
+
+    def get(self, key: tuple[int, int, str], s: EvalSet) -> tuple[Any, bool, Any]:
+        """The model for ``key`` with whether its head was trained, and a tokenizer of the row's own."""
+        from ftdist.modeling import load_tokenizer
+
+        with self.lock:
+            fut = self.models.get(key)
+            mine = fut is None
+            if fut is None:
+                fut = self.models[key] = Future()
+        with self.load_lock:
+            if mine:
+                try:
+                    loaded = load_for_set(self.p, key[0], s)
+                    assert loaded is not None  # keys with no head never get here
+                    self.loads += 1
+                    fut.set_result(loaded)
+                except BaseException as e:
+                    fut.set_exception(e)
+            tok = load_tokenizer(model_uri(self.p, key[0]), cfg=self.p.storage)  # not shared between threads
+        model, trained = fut.result()
+        return model, trained, tok
+
+    def release(self, key: tuple[int, int, str]) -> None:
+        with self.lock:
+            self.uses[key] -= 1
+            if not self.uses[key]:
+                del self.models[key]
+
+
+def evaluate_entries(p: Pipeline, wanted: Sequence[tuple[int, EvalSet]], cpus: int | None = None,
+                     ) -> dict[tuple[int, str], dict[str, Any]]:
+    """The entries ``(row, set)`` of ``wanted``, keyed by ``(row, set name)`` (see the module docstring)."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    todo: list[tuple[tuple[int, int, str], int, EvalSet]] = []
+    for row, s in wanted:
+        head = head_row(p, row, s)
+        if head is None:
+            out[(row, s.name)] = {"value": None, "head_trained": False}
+        else:
+            todo.append(((row, head, s.task), row, s))
+    if not todo:
+        return out
+    order = list(dict.fromkeys(k for k, _, _ in todo))  # a model's sets one after another: few models alive
+    todo.sort(key=lambda e: order.index(e[0]))
+    cpus = cpus or usable_cpus()
+    workers = min(len(todo), cpus)
+    threads = max(1, cpus // workers)
+    models = _Models(p, Counter(k for k, _, _ in todo))
+
+    def one(entry: tuple[tuple[int, int, str], int, EvalSet]) -> dict[str, Any]:
+        key, row, s = entry
+        torch.set_num_threads(threads)  # this thread's own (OpenMP's count is per thread)
+        try:
+            model, trained, tok = models.get(key, s)
+            return {"value": score(model, tok, s, p.storage), "head_trained": trained}
+        finally:
+            models.release(key)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="ftdist-eval") as pool:
+        for (_, row, s), result in zip(todo, pool.map(one, todo)):
+            out[(row, s.name)] = result
+    return out

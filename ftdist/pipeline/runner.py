@@ -7,8 +7,10 @@ they are), and an interrupted stage resumes from its latest checkpoint. Matrix e
 ``pipeline_summary.json`` and the heatmap are rewritten with the rows so far.
 
 Entries measured after stage ``i``: the new model on every set declared so far (row ``i``), and, for
-the sets stage ``i`` declares, the previous model (``R[i-1][j]``, forward transfer) and the starting
-model (``b[j]``). Only the CLI imports this module.
+the sets stage ``i`` declares when ``i`` is not the first stage, the previous model (``R[i-1][j]``) and
+the starting model (``b[j]``): the two terms of forward transfer, which no summary takes for the first
+stage's sets (:func:`ftdist.pipeline.forgetting.fwt_uses`), so those are not scored (the matrix shows
+them as such). Only the CLI imports this module.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from ftdist.uri import join_uri
 from ftdist.launcher import run_training
 from ftdist.preflight import prepare_data_if_needed
 from ftdist.pipeline import layout
-from ftdist.pipeline.evaluate import evaluate_entry
-from ftdist.pipeline.forgetting import Column, format_matrix, heatmap_png, summaries
+from ftdist.pipeline.evaluate import evaluate_entries
+from ftdist.pipeline.forgetting import NOT_SCORED, Column, format_matrix, fwt_uses, heatmap_png, summaries
 from ftdist.pipeline.spec import Pipeline, dump_pipeline
 
 
@@ -32,17 +34,28 @@ def _read_row(p: Pipeline, row: int) -> dict[str, Any]:
     return json.loads(storage.read_text(uri, p.storage)) if storage.exists(uri, p.storage) else {}
 
 
-def _measure(p: Pipeline, row: int, set_indices: list[int]) -> float:
-    """Measure the missing entries of ``row`` for the given sets (kept in ``evaluations/``); seconds spent."""
-    t0 = time.time()
-    entries = _read_row(p, row)
+def wanted_after(p: Pipeline, i: int) -> dict[int, list[int]]:
+    """The entries measured after stage ``i``: {row: set indices} (row -1: the starting model)."""
     sets = p.sets
-    todo = [sets[j] for j in set_indices if sets[j].name not in entries]
-    for s in todo:
-        entries[s.name] = evaluate_entry(p, row, s)
-    if todo:
+    own = [j for j, s in enumerate(sets) if s.stage == i and fwt_uses(s.stage)]
+    wanted = {i: [j for j, s in enumerate(sets) if s.stage <= i]}
+    if own:
+        wanted.update({i - 1: own, -1: own})
+    return wanted
+
+
+def _measure(p: Pipeline, wanted: dict[int, list[int]]) -> float:
+    """Measure the missing entries of ``wanted`` ({row: set indices}; kept in ``evaluations/``), all
+    together (:func:`evaluate_entries`); seconds spent."""
+    t0 = time.time()
+    sets = p.sets
+    rows = {row: _read_row(p, row) for row in wanted}
+    todo = [(row, sets[j]) for row, js in wanted.items() for j in js if sets[j].name not in rows[row]]
+    for (row, name), entry in evaluate_entries(p, todo).items():
+        rows[row][name] = entry
+    for row in dict.fromkeys(row for row, _ in todo):
         uri = layout.evaluation_uri(p.uri, None if row < 0 else p.stages[row].name)
-        storage.write_text(uri, json.dumps(entries, indent=1), p.storage)
+        storage.write_text(uri, json.dumps(rows[row], indent=1), p.storage)
     return time.time() - t0
 
 
@@ -63,9 +76,7 @@ def run_pipeline(p: Pipeline) -> dict[str, Any]:
         own = [j for j, s in enumerate(sets) if s.stage == i]
         for j in own:  # a held-out set with prepare: is built on first use (the stage's own data already is)
             prepare_data_if_needed(sets[j].data_config(st.config).resolved())
-        seconds = _measure(p, i, [j for j, s in enumerate(sets) if s.stage <= i])
-        seconds += _measure(p, i - 1, own) if i > 0 else 0.0
-        seconds += _measure(p, -1, own)
+        seconds = _measure(p, wanted_after(p, i))
         record = {"name": st.name, "task": st.config.model.task, "run_dir": run["run_dir"],
                   "model_uri": run.get("model_uri"), "resumed": run.get("resumed", False), "skipped": done,
                   "stage_s": t1 - t0, "evaluation_s": seconds, "between_s": time.time() - t1,
@@ -100,6 +111,7 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float, heatm
     rows = [_read_row(p, i) for i in range(len(records))]
     start = _read_row(p, -1)
     R = [[(r.get(s.name) or {}).get("value") for s in sets] for r in rows]
+    scored = [[s.name in r for s in sets] for r in [start, *rows]]  # absent: not scored (no summary uses it)
     baseline = [(start.get(s.name) or {}).get("value") for s in sets]
     stage_s = sum(r["stage_s"] for r in records)
     between = sum(r["between_s"] for r in records)  # what the pipeline adds: evaluations, summaries, the heatmap
@@ -110,14 +122,14 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float, heatm
         "sets": [{"name": s.name, "stage": p.stages[s.stage].name, "task": s.task, "data": s.data, "split": s.split,
                   "metric": s.metric, "mode": s.mode,
                   "start_head_trained": (start.get(s.name) or {}).get("head_trained")} for s in sets],
-        "rows": row_names, "matrix": R, "start": baseline,
+        "rows": row_names, "matrix": R, "start": baseline, "scored": scored,
         "summaries": summaries(R, baseline, columns) if R else {},
         "heatmap": join_uri(p.uri, layout.MATRIX_PNG),
         "wall_time_s": wall, "overhead": {"stages_s": stage_s, "between_stages_s": between,
                                           "ratio": between / stage_s if stage_s else None},
     }
     if heatmap:
-        storage.write_bytes(join_uri(p.uri, layout.MATRIX_PNG), heatmap_png(R, baseline, row_names, columns),
+        storage.write_bytes(join_uri(p.uri, layout.MATRIX_PNG), heatmap_png(R, baseline, row_names, columns, scored),
                             p.storage)
     storage.write_text(join_uri(p.uri, layout.SUMMARY), json.dumps(summary, indent=1), p.storage)
     return summary
@@ -134,7 +146,10 @@ def format_pipeline(summary: dict[str, Any]) -> str:
         lines.append(f"  stage '{r['name']}' ({r['task']}): {how} in {r['stage_s']:.0f}s, evaluation "
                      f"{r['evaluation_s']:.1f}s; test: {test}")
     lines.append("  R[after stage][on set]:")
-    lines += ["  " + x for x in format_matrix(summary["matrix"], summary["start"], summary["rows"], columns)]
+    lines += ["  " + x for x in format_matrix(summary["matrix"], summary["start"], summary["rows"], columns,
+                                                summary.get("scored"))]
+    if not all(all(r) for r in summary.get("scored") or []):
+        lines.append(f"  ({NOT_SCORED}: no summary uses the entry, so the pipeline did not measure it)")
     for metric, m in summary["summaries"].items():
         def f(v: float | None) -> str:
             return "n/a" if v is None else f"{v:+.4f}"
