@@ -5,7 +5,8 @@
 #   bash bench/gpu_run.sh          # quick: the goals, BERT-base and GPT-2 124M, ftdist vs plain vs HF (<= 6 min)
 #   bash bench/gpu_run.sh compile  # torch.compile for all three; BERT-base ZeRO stages and DeepSpeed bf16 (<= 9 min)
 #   bash bench/gpu_run.sh levers   # GPT-2 ZeRO stages, activation checkpointing, eager attention, accumulation (<= 10 min)
-#   bash bench/gpu_run.sh full     # all three parts (longer than one 10-minute device command: run parts separately)
+#   bash bench/gpu_run.sh memory   # issue 13: bench.memory on GPT-2-medium (355M), bf16, 1 GPU: ZeRO stages, offload, LoRA (<= 8 min)
+#   bash bench/gpu_run.sh full     # all parts (longer than one 10-minute device command: run parts separately)
 #   DEVICE=cpu bash bench/gpu_run.sh   # rehearsal on a CPU machine: same script, batch 2 x 64, 2 steps
 #
 # deepspeed, accelerate and their small pure-Python/cp312 dependencies travel as wheels in .whl/
@@ -15,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
-case "$MODE" in quick|compile|levers|full) ;; *) echo "usage: $0 [quick|compile|levers|full]"; exit 2 ;; esac
+case "$MODE" in quick|compile|levers|memory|full) ;; *) echo "usage: $0 [quick|compile|levers|memory|full]"; exit 2 ;; esac
 OUT=${OUT:-bench/out/gpu}
 SITE=${SITE:-/tmp/site}
 PY=${PYTHON:-python}
@@ -93,5 +94,14 @@ if part levers; then
   run gpt2-124m-ckpt 120 --model gpt2-124m --grad-ckpt --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
   run gpt2-124m-eager 120 --model gpt2-124m --attn eager --contenders ftdist plain --rounds 2 --steps 10 --warmup 3
   run bert-base-accum4 120 --model bert-base --grad-accum 4 --contenders ftdist plain hf --rounds 2 --steps 10 --warmup 3
+fi
+if part memory; then
+  # Per-worker max_memory_allocated and step time per memory lever; one GPU = one worker, so ZeRO-1..3
+  # partition nothing here and show their own overhead; offload shows what leaves the device.
+  if [ "$DEVICE" = cuda ]; then MEM=(--batch 8 --seq 512 --steps 5); else MEM=(--model tiny --batch 2 --seq 64 --steps 2); fi
+  echo "== memory: python -m bench.memory --device $DEVICE --workers 1 ${MEM[*]}"
+  timeout 480 "$PY" -m bench.memory --model gpt2-medium --device "$DEVICE" --precision "$([ "$DEVICE" = cuda ] && echo bf16 || echo fp32)" \
+    --workers 1 "${MEM[@]}" --variants zero0 zero1 zero2 zero3 zero3-offload zero3-gc lora-zero0 lora-zero3 \
+    --out "$OUT/memory.json" 2>"$OUT/memory.err" || { echo "!! memory failed:"; tail -20 "$OUT/memory.err"; }
 fi
 echo "== done: $(ls "$OUT"/*.json 2>/dev/null | wc -l) JSON file(s) in $OUT"

@@ -7,7 +7,8 @@ forward and backward, and rank 0 reads the whole checkpoint while loading into p
 process kept ~1.7 GB it no longer used: on a 335M model, 2 CPU workers, ZeRO-3's peak RSS was
 ZeRO-0's (bench/RESULTS.md). With blocks of 1 MB and more mapped on their own and unmapped on free,
 the peak fell to 5.1 GB from 6.8 GB while ZeRO-0's live peak did not move. It is set only where a
-run asked to save memory (ZeRO-3 or an offload), because mapping fresh pages costs page faults.
+run asked to save memory (ZeRO-3 or an offload), because mapping fresh pages costs page faults: ~20% of
+a ZeRO-3 step on CPU (bench/RESULTS.md).
 
 Why a limit: Ray's ``memory`` resource (``scaling.memory_per_worker_gb``) places workers but does not
 stop one from growing past it; the kernel's OOM killer then picks a victim on the node (often the

@@ -32,7 +32,7 @@ def _tiny(model_type: str, task: str = "sequence-classification") -> torch.nn.Mo
 
 
 @pytest.mark.parametrize("model_type, task, targets, head", [
-    ("bert", "sequence-classification", {"query", "value"}, {"classifier"}),
+    ("bert", "sequence-classification", {"query", "value"}, {"classifier", "pooler"}),
     ("distilbert", "sequence-classification", {"q_lin", "v_lin"}, {"pre_classifier", "classifier"}),
     ("t5", "sequence-classification", {"q", "v"}, {"classification_head"}),
     ("gpt2", "causal-lm", {"c_attn"}, set()),
@@ -130,8 +130,8 @@ def test_lora_trains_at_every_zero_stage_and_the_merged_export_predicts_identica
     result = train_worker(_config(tiny_bert, cls_data, tmp_path, "l", stage), LocalSession(str(tmp_path / "ck")))
     losses = [e["train_loss"] for e in result["epochs"]]
     assert losses[1] < losses[0], losses
-    # Adapters on query/value (2 layers x 2 x r*(32+32)) and the 3-way head (32*3+3), nothing else.
-    assert result["trainable_params"] == 2 * 2 * 4 * 64 + 99
+    # Adapters on query/value (2 layers x 2 x r*(32+32)), the 3-way head (32*3+3) and its pooler, nothing else.
+    assert result["trainable_params"] == 2 * 2 * 4 * 64 + 99 + 32 * 32 + 32  # ... and BERT's pooler
     assert result["trainable_params"] < 0.02 * result["n_params"]
     # Adam's two fp32 moments per trainable weight (plus step counters): the whole optimizer state.
     assert 8 * result["trainable_params"] <= result["optimizer_state_bytes"] <= 8 * result["trainable_params"] + 512
@@ -226,4 +226,4 @@ def test_a_pbt_exploit_continues_lora_with_its_own_learning_rate(tiny_bert, cls_
                                                                              "learning_rate": 2e-3}), sb)
     assert [r["lr"] for r in sa.reports] == [2e-2]
     assert [(r["epoch"], r["lr"]) for r in sb.reports] == [(2, 2e-3)]
-    assert result["trainable_params"] == 2 * 2 * 4 * 64 + 99 and len(result["epochs"]) == 2
+    assert result["trainable_params"] == 2 * 2 * 4 * 64 + 99 + 32 * 32 + 32 and len(result["epochs"]) == 2
