@@ -6,8 +6,6 @@ written last; its presence marks a complete export (object stores have no atomic
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from typing import Any
 
@@ -15,7 +13,7 @@ from ftdist import storage
 from ftdist.config import RunConfig
 from ftdist.redaction import redact
 
-EXPORT_MARKER = "ftdist_export.json"
+from ftdist.export_files import EXPORT_MARKER, write_marker
 
 
 def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
@@ -52,6 +50,5 @@ def export_model(engine: Any, cfg: RunConfig, tokenizer: Any, uri: str, rank: in
         info = {"task": cfg.model.task, "run": cfg.run.name, "base_model": redact(cfg.model.path),
                 "format": "lora-adapter" if cfg.model.lora and cfg.model.lora.export == "adapter" else "hf-model",
                 **extra}
-        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-            json.dump(info, f, indent=1)
+        write_marker(tmp, EXPORT_MARKER, info)
         storage.upload_dir(tmp, uri, cfg.storage, last=EXPORT_MARKER)

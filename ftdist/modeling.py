@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +16,7 @@ from ftdist import storage
 from ftdist.config import ModelSection, StorageSection
 from ftdist.redaction import redact_uri
 from ftdist.errors import UserError
+from ftdist.export_files import EXPORT_MARKER, listed_files, mismatches
 from ftdist.tasks import auto_model_class
 
 log = logging.getLogger(__name__)
@@ -21,18 +25,10 @@ CACHE_DIR = os.environ.get("FTDIST_CACHE", os.path.join(os.path.expanduser("~"),
 
 
 def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
-    """A path ``from_pretrained`` can load: remote URIs are fetched once into a local cache."""
+    """A path ``from_pretrained`` can load: remote URIs are fetched into a local cache, once per node and
+    version (the cache is keyed by the URI *and* its content, so a replaced export is fetched anew)."""
     if storage.is_remote(path):
-        if cfg is None:
-            cfg = StorageSection()
-        key = hashlib.sha256(path.encode()).hexdigest()[:16]
-        dest = os.path.join(CACHE_DIR, "models", key)
-        if not os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
-            with _node_lock(dest + ".lock"):
-                # Re-checked under the lock: another worker of this node may have finished meanwhile.
-                if not os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
-                    _download_model(path, dest, cfg)
-        return dest
+        return _cached_remote_model(path, cfg or StorageSection())
     if path.startswith(("pkg://", "file://")) or os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
         local = storage.local_path(path)
         if not os.path.isdir(local):
@@ -40,6 +36,98 @@ def resolve_model_path(path: str, cfg: StorageSection | None = None) -> str:
                             f"s3://bucket/prefix, pkg://package/folder or a hub id")
         return local
     return path  # a hub id; from_pretrained resolves it (offline: from the HF cache only)
+
+
+class _VersionChanged(Exception):
+    """The remote folder changed while it was downloaded (a new version is being published)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteVersion:
+    """What identifies the content under a remote prefix now.
+
+    An ftdist export names its files in its marker (``export_files``): the marker's text is the
+    version and the list is what the download is checked against. Any other folder (a model a user
+    uploaded) is identified by its listing: every object's path, size and ETag (or modification time)."""
+
+    digest: str
+    marker_text: str | None
+    files: dict[str, dict[str, Any]] | None
+
+
+def remote_version(path: str, cfg: StorageSection) -> RemoteVersion:
+    """The current version of the folder at ``path`` (one GET of the marker, else one listing)."""
+    fs, root = storage.filesystem(path, cfg)
+    root = root.rstrip("/")
+
+    def probe() -> RemoteVersion:
+        try:
+            text: str | None = fs.cat_file(f"{root}/{EXPORT_MARKER}").decode()
+        except FileNotFoundError:
+            text = None
+        files = listed_files(text) if text is not None else None
+        if text is not None and files is not None:
+            return RemoteVersion(hashlib.sha256(text.encode()).hexdigest(), text, files)
+        fs.invalidate_cache(root)
+        try:
+            entries = fs.find(root, detail=True)
+        except FileNotFoundError:
+            entries = {}
+        listing = sorted((os.path.relpath(name, root), info.get("size"),
+                          str(info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")))
+                         for name, info in entries.items() if info.get("type") != "directory")
+        if not listing:
+            return RemoteVersion("", None, None)
+        return RemoteVersion(hashlib.sha256(json.dumps(listing).encode()).hexdigest(), text, None)
+
+    return storage.retrying(probe, path, "reading the model's version", cfg)
+
+
+# How long a reader waits for an export that is being replaced to be complete again (a large model's
+# upload takes minutes); a module setting so tests can shorten it.
+PUBLISH_WAIT_S = 900.0
+
+
+def _cached_remote_model(path: str, cfg: StorageSection) -> str:
+    models = os.path.join(CACHE_DIR, "models")
+    uri_key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    deadline = time.monotonic() + PUBLISH_WAIT_S
+    delay = 0.5
+    while True:
+        version = remote_version(path, cfg)
+        if not version.digest:  # before anything is written to the cache
+            raise UserError(f"model '{redact_uri(path)}' does not exist (nothing under that prefix); "
+                            f"check model.path (and storage.endpoint_url)")
+        dest = os.path.join(models, f"{uri_key}-{version.digest[:16]}")
+        if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+            return dest
+        with _node_lock(os.path.join(models, uri_key + ".lock")):
+            # Re-checked under the lock: another worker of this node may have finished meanwhile.
+            if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+                return dest
+            try:
+                _download_model(path, dest, cfg, version)
+            except _VersionChanged:
+                if time.monotonic() > deadline:
+                    raise UserError(f"model '{redact_uri(path)}' kept changing while it was downloaded for "
+                                    f"{PUBLISH_WAIT_S:.0f} s (a new export being published?); rerun when the "
+                                    f"upload has finished") from None
+            else:
+                _remove_other_versions(models, uri_key, keep=dest)
+                return dest
+        log.info("model '%s' is being replaced; reading it again in %.1f s", redact_uri(path), delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _remove_other_versions(models: str, uri_key: str, keep: str) -> None:
+    """Older cached versions of the same URI (and partial downloads: we hold the node lock) go."""
+    import shutil
+
+    for name in os.listdir(models):
+        full = os.path.join(models, name)
+        if full != keep and (name == uri_key or name.startswith(uri_key + "-")) and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -59,20 +147,27 @@ def _node_lock(lock_path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _download_model(path: str, dest: str, cfg: StorageSection) -> None:
-    """Fetch ``path`` into a private folder, check it, and publish it at ``dest`` in one rename.
+def _download_model(path: str, dest: str, cfg: StorageSection, version: RemoteVersion) -> None:
+    """Fetch ``version`` of ``path`` into a private folder, check it, and publish it at ``dest`` in one rename.
 
     Called under the node lock; a folder at ``dest`` without the complete marker is what a crashed
-    download left behind, never a folder anyone loads from, so removing it is safe."""
+    download left behind, never a folder anyone loads from, so removing it is safe. Raises
+    _VersionChanged when what arrived is not ``version`` (a new export is being uploaded)."""
     import shutil
 
-    if not storage.listdir(path, cfg):  # before anything is written to the cache
-        raise UserError(f"model '{redact_uri(path)}' does not exist (nothing under that prefix); "
-                        f"check model.path (and storage.endpoint_url)")
     tmp = f"{dest}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        storage.download_dir(path, tmp, cfg)
+        if version.files is not None and version.marker_text is not None:
+            _download_listed(path, tmp, cfg, version.files)
+            with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+                f.write(version.marker_text)
+            if mismatches(tmp, version.files):
+                raise _VersionChanged()
+        else:
+            storage.download_dir(path, tmp, cfg)
+            if remote_version(path, cfg).digest != version.digest:
+                raise _VersionChanged()
         if not os.path.exists(os.path.join(tmp, "config.json")) and not os.path.exists(
                 os.path.join(tmp, "tokenizer_config.json")):
             raise UserError(f"model '{redact_uri(path)}' has no config.json/tokenizer_config.json; "
@@ -82,6 +177,23 @@ def _download_model(path: str, dest: str, cfg: StorageSection) -> None:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_listed(path: str, local_dir: str, cfg: StorageSection, files: dict[str, dict[str, Any]]) -> None:
+    """Exactly the files an export's marker lists (a file gone meanwhile means a new version is coming)."""
+    fs, root = storage.filesystem(path, cfg)
+    root = root.rstrip("/")
+
+    def get() -> None:
+        for rel in files:
+            target = os.path.join(local_dir, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                fs.get_file(f"{root}/{rel}", target)
+            except FileNotFoundError:
+                raise _VersionChanged() from None
+
+    storage.retrying(get, path, "downloading", cfg)
 
 
 def _hub_error(path: str, e: Exception) -> UserError:

@@ -278,9 +278,11 @@ def download_dir(uri: str, local_dir: str, cfg: StorageSection) -> str:
 def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None = None) -> None:
     """Publish a local folder at ``uri`` so readers never see it half-written.
 
-    Local: copy to a sibling temp folder, then swap it in with renames. Object stores have no
-    rename, so the file named ``last`` (a completion marker such as a manifest) is uploaded only
-    after every other file; readers check for it.
+    Local: copy to a sibling temp folder, then exchange it with the old folder in one atomic rename
+    (Linux ``renameat2``), so a reader sees the old folder or the new one, never none. Object stores
+    have no rename, so the file named ``last`` (a completion marker such as a manifest) is uploaded only
+    after every other file, and files of the previous version that the new one lacks are removed after
+    it; readers check the marker (model exports also list their files in it: ``export_files``).
     """
     fs, path = filesystem(uri, cfg)
     if not is_remote(uri):
@@ -288,22 +290,62 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
-        old = None
-        if os.path.exists(path):
-            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
         return
+    root = path.rstrip("/")
+
+    def existing() -> set[str]:
+        fs.invalidate_cache(root)
+        try:
+            return {os.path.relpath(str(f), root) for f in fs.find(root)}
+        except FileNotFoundError:
+            return set()
+
+    before = retrying(existing, uri, "listing", cfg)
     files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*") if p.is_file())
     if last in files:
         files.remove(last)
         files.append(last)
     for rel in files:
-        dest = f"{path.rstrip('/')}/{rel}"
+        dest = f"{root}/{rel}"
         src = os.path.join(local_dir, rel)
         retrying(lambda: fs.put_file(src, dest), f"{uri.rstrip('/')}/{rel}", "uploading", cfg)
+    stale = sorted(before - set(files))
+    if stale:
+        retrying(lambda: fs.rm([f"{root}/{rel}" for rel in stale]), uri, "removing the previous version's files", cfg)
+
+
+def replace_dir(new: str, path: str) -> None:
+    """Put the folder ``new`` at ``path`` atomically, removing what was there.
+
+    Linux: ``renameat2(RENAME_EXCHANGE)`` swaps the two in one step; elsewhere (or on filesystems
+    without it) two renames, which leave a moment with no folder at ``path``."""
+    if os.path.exists(path) and _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old folder
+        return
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(new, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def remove(uri: str, cfg: StorageSection) -> None:

@@ -27,6 +27,7 @@ from ftdist import storage
 from ftdist.config import RunConfig
 from ftdist.uri import join_uri
 from ftdist.export import EXPORT_MARKER, full_state_dict
+from ftdist.export_files import write_marker
 from ftdist.lora import merged_task_model
 from ftdist.multitask.model import task_state_dict
 from ftdist.redaction import redact
@@ -72,8 +73,7 @@ def export_multitask(engine: Any, cfg: RunConfig, tasks: list[Any], tokenizer: A
 
 
 def _marker(folder: str, info: dict[str, Any]) -> None:
-    with open(os.path.join(folder, EXPORT_MARKER), "w") as f:
-        json.dump(info, f, indent=1)
+    write_marker(folder, EXPORT_MARKER, info)
 
 
 def load_multitask_weights(model: Any, folder: str) -> None:
