@@ -286,6 +286,53 @@ def test_between_stages_only_used_entries_are_scored_and_the_summaries_equal_sco
     assert per_stage == [1, 2, 4], per_stage
 
 
+def test_an_entry_is_measured_again_when_its_model_or_its_data_changed(tmp_path, tiny_bert, cls_data, monkeypatch):
+    """A stored matrix entry is reused only for the same model version and data (audit D13): after a
+    stage is retrained (a new export under the same name) or a set's data is rebuilt under the same
+    name, the matrix shows the new values, equal to scoring afresh; with nothing changed nothing is
+    loaded again."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import NAMES, prepare_local
+    from ftdist.pipeline import evaluate, runner
+
+    def other_data(seed: int, n: int) -> str:
+        shutil.rmtree(tmp_path / "other", ignore_errors=True)
+        return prepare_local(write_jsonl(tmp_path / f"other{seed}.jsonl", synthetic_rows(n, seed)),
+                             tmp_path / "other", tiny_bert)
+
+    other = other_data(7, 120)
+    p = load_pipeline("p.yaml", data=_pipeline(tmp_path, [_stage(
+        "task", tiny_bert, cls_data, eval=[{"name": "own"}, {"name": "other", "data": other, "split": "test"}])]))
+    export = layout.stage_export_uri(p.uri, "task")
+    loads: list[int] = []
+    real_load = evaluate.load_for_set
+    monkeypatch.setattr(evaluate, "load_for_set", lambda p_, row, s: loads.append(row) or real_load(p_, row, s))
+
+    def matrix() -> list[float]:
+        runner._measure(p, {0: [0, 1]})
+        stored = json.loads(Path(layout.evaluation_uri(p.uri, "task")).read_text())
+        return [stored["own"]["value"], stored["other"]["value"]]
+
+    def afresh() -> list[float]:
+        return [evaluate.evaluate_entries(p, [(0, s)])[(0, s.name)]["value"] for s in p.sets]
+
+    _export(export, AutoModelForSequenceClassification, tiny_bert, 1, num_labels=len(NAMES))
+    first = matrix()
+    loads.clear()
+    assert matrix() == first and loads == []  # unchanged: reused, nothing loaded
+    _export(export, AutoModelForSequenceClassification, tiny_bert, 5, num_labels=len(NAMES))  # retrained
+    retrained = afresh()
+    assert retrained != first  # the two exports score differently, so a stale entry would show
+    assert matrix() == retrained
+    other_data(11, 400)  # the "other" set's data rebuilt under the same name
+    rebuilt = afresh()
+    assert rebuilt[1] != retrained[1]
+    assert matrix() == rebuilt
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: masked-LM stage, then the task from its export; a failure in stage 2, then a rerun
 

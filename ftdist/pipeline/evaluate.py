@@ -25,6 +25,8 @@ while one-thread passes side by side do not (bench/RESULTS.md); each entry's val
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import threading
 from collections import Counter
@@ -59,6 +61,45 @@ def head_row(p: Pipeline, row: int, s: EvalSet) -> int | None:
     own = p.stages[s.stage].config.data.path
     return next((k for k in range(row, -1, -1) if p.stages[k].config.model.task == CLASSIFICATION
                  and p.stages[k].config.data.path == own), None)
+
+
+def entry_key(p: Pipeline, row: int, s: EvalSet, fingerprints: dict[str, str] | None = None) -> str:
+    """What an entry's value depends on: the versions of the models it loads (the row's and the head's),
+    the set's data and how it is scored. A stored entry is reused only while its key is unchanged, so a
+    retrained stage or a set whose data changed under the same name is scored again."""
+    cache = {} if fingerprints is None else fingerprints
+    head = head_row(p, row, s)
+    uris = [model_uri(p, row)] + ([] if head is None or head == row else [model_uri(p, head)])
+    for uri in uris + [join_uri(s.data, s.split)]:
+        if uri not in cache:
+            cache[uri] = content_fingerprint(uri, p.storage)
+    parts = [cache[u] for u in uris] + [cache[join_uri(s.data, s.split)], s.task, s.metric, s.max_length,
+                                        s.batch_size, s.seed, s.mlm_probability]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def content_fingerprint(uri: str, st: Any) -> str:
+    """A digest that changes when the folder's content does: an export's marker (it lists every file's
+    SHA-256), a prepared split's manifest, else the listing (names, sizes, modification times / ETags);
+    a hub id stands for itself."""
+    from ftdist import storage
+    from ftdist.data.manifest import MANIFEST
+    from ftdist.export_files import EXPORT_MARKER
+    from ftdist.modeling import remote_version
+
+    if storage.is_remote(uri):
+        return remote_version(uri, st).digest
+    local = storage.local_path(uri) if uri.startswith(("pkg://", "file://")) else uri
+    if not os.path.isdir(local):
+        return uri
+    for marker in (EXPORT_MARKER, MANIFEST):
+        path = os.path.join(local, marker)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+    listing = sorted((os.path.relpath(os.path.join(d, n), local), os.stat(os.path.join(d, n)).st_size,
+                      os.stat(os.path.join(d, n)).st_mtime_ns) for d, _, names in os.walk(local) for n in names)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -181,7 +222,8 @@ def score(model: Any, tokenizer: Any, s: EvalSet, storage_cfg: Any) -> float:
 
 
 def evaluate_entry(p: Pipeline, row: int, s: EvalSet) -> dict[str, Any]:
-    """``{"value": R[row][s] or None, "head_trained": bool}`` for the model after ``row`` (-1: start)."""
+    """``{"value": R[row][s] or None, "head_trained": bool, "key": entry_key}`` for the model after ``row``
+    (-1: start)."""
     return evaluate_entries(p, [(row, s)])[(row, s.name)]
 
 
@@ -225,10 +267,12 @@ def evaluate_entries(p: Pipeline, wanted: Sequence[tuple[int, EvalSet]], cpus: i
     """The entries ``(row, set)`` of ``wanted``, keyed by ``(row, set name)`` (see the module docstring)."""
     out: dict[tuple[int, str], dict[str, Any]] = {}
     todo: list[tuple[tuple[int, int, str], int, EvalSet]] = []
+    fingerprints: dict[str, str] = {}
+    keys = {(row, s.name): entry_key(p, row, s, fingerprints) for row, s in wanted}
     for row, s in wanted:
         head = head_row(p, row, s)
         if head is None:
-            out[(row, s.name)] = {"value": None, "head_trained": False}
+            out[(row, s.name)] = {"value": None, "head_trained": False, "key": keys[(row, s.name)]}
         else:
             todo.append(((row, head, s.task), row, s))
     if not todo:
@@ -251,5 +295,5 @@ def evaluate_entries(p: Pipeline, wanted: Sequence[tuple[int, EvalSet]], cpus: i
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ftdist-eval") as pool:
         for (_, row, s), result in zip(todo, pool.map(one, todo)):
-            out[(row, s.name)] = result
+            out[(row, s.name)] = {**result, "key": keys[(row, s.name)]}
     return out

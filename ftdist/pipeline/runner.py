@@ -24,7 +24,7 @@ from ftdist.uri import join_uri
 from ftdist.launcher import run_training
 from ftdist.preflight import prepare_data_if_needed
 from ftdist.pipeline import layout
-from ftdist.pipeline.evaluate import evaluate_entries
+from ftdist.pipeline.evaluate import entry_key, evaluate_entries
 from ftdist.pipeline.forgetting import NOT_SCORED, Column, format_matrix, fwt_uses, heatmap_png, summaries
 from ftdist.pipeline.spec import Pipeline, dump_pipeline
 
@@ -45,12 +45,15 @@ def wanted_after(p: Pipeline, i: int) -> dict[int, list[int]]:
 
 
 def _measure(p: Pipeline, wanted: dict[int, list[int]]) -> float:
-    """Measure the missing entries of ``wanted`` ({row: set indices}; kept in ``evaluations/``), all
-    together (:func:`evaluate_entries`); seconds spent."""
+    """Measure the entries of ``wanted`` ({row: set indices}; kept in ``evaluations/``) that are missing
+    or were measured on other models or data (their key differs), all together (:func:`evaluate_entries`);
+    seconds spent."""
     t0 = time.time()
     sets = p.sets
     rows = {row: _read_row(p, row) for row in wanted}
-    todo = [(row, sets[j]) for row, js in wanted.items() for j in js if sets[j].name not in rows[row]]
+    fingerprints: dict[str, str] = {}
+    todo = [(row, sets[j]) for row, js in wanted.items() for j in js
+            if (rows[row].get(sets[j].name) or {}).get("key") != entry_key(p, row, sets[j], fingerprints)]
     for (row, name), entry in evaluate_entries(p, todo).items():
         rows[row][name] = entry
     for row in dict.fromkeys(row for row, _ in todo):
