@@ -189,8 +189,8 @@ def test_renderer_matches_kubectl_kustomize(build: str, rendered: dict[str, list
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_expected_objects(build: str, rendered: dict[str, list[Obj]]) -> None:
     assert sorted(key(o) for o in rendered[build]) == [
-        ("ConfigMap", CONFIGMAP), ("RayCluster", "ftdist"), ("RayJob", "ftdist-multitask"), ("RayJob", "ftdist-pipeline"),
-        ("RayJob", "ftdist-sweep"),
+        ("ConfigMap", CONFIGMAP), ("NetworkPolicy", "ftdist-ray"), ("RayCluster", "ftdist"),
+        ("RayJob", "ftdist-multitask"), ("RayJob", "ftdist-pipeline"), ("RayJob", "ftdist-sweep"),
         ("RayJob", "ftdist-train"), ("ServiceAccount", "ftdist")]
 
 
@@ -426,6 +426,57 @@ def test_dashboard_stays_inside_the_cluster(build: str, rendered: dict[str, list
         assert head.get("serviceType", "ClusterIP") == "ClusterIP", where
         assert not head.get("enableIngress") and "headService" not in head, where
         assert head["rayStartParams"].get("dashboard-host", "127.0.0.1") in ("0.0.0.0", "127.0.0.1"), where
+
+
+def _selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and In/NotIn/Exists/DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": labels.get(k) in values, "NotIn": labels.get(k) not in values, "Exists": k in labels,
+              "DoesNotExist": k not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policy: Obj, pod: dict[str, str], same_namespace: bool, ns_labels: dict[str, str], port: int) -> bool:
+    """Whether ``policy`` (one Ingress NetworkPolicy) admits a connection from a pod with labels ``pod``."""
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports") or []]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from") or []:
+            if "namespaceSelector" in peer:
+                ns_ok = _selects(peer["namespaceSelector"], ns_labels)
+            else:
+                ns_ok = same_namespace
+            if ns_ok and _selects(peer.get("podSelector") or {}, pod):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_only_ray_pods_and_job_submitters_reach_the_ray_pods(build: str, rendered: dict[str, list[Obj]]) -> None:
+    """The dashboard's Jobs API (8265) runs code with the pods' role: a NetworkPolicy admits only the Ray
+    pods themselves, KubeRay's submitters and labelled submitters in labelled namespaces (audit D22)."""
+    objs = rendered[build]
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    pods = [spec["headGroupSpec"]["template"]["metadata"]["labels"] for _, spec in cluster_specs(objs)]
+    pods += [g["template"]["metadata"]["labels"] for _, spec in cluster_specs(objs) for g in spec["workerGroupSpecs"]]
+    assert pods and all(_selects(policy["spec"]["podSelector"], labels) for labels in pods)
+    head, worker = pods[0], pods[-1]
+    submitter = next(o["spec"]["submitterPodTemplate"]["metadata"]["labels"] for o in objs if o["kind"] == "RayJob")
+    ours = {"ftdist.io/job-submitters": "true"}
+    for port in (8265, 6379, 10001, 12345):
+        assert admitted(policy, worker, True, {}, port) and admitted(policy, head, True, {}, port)
+        assert not admitted(policy, {"app": "anything"}, True, {}, port)  # a pod of the same namespace
+        assert not admitted(policy, {"ftdist.io/job-submitter": "true"}, False, {}, port)  # unlabelled namespace
+        assert not admitted(policy, {"app": "x"}, False, ours, port)  # unlabelled pod in the submitters' namespace
+        assert admitted(policy, submitter, True, {}, port) == (port == 8265)
+        assert admitted(policy, {"ftdist.io/job-submitter": "true"}, False, ours, port) == (port == 8265)
 
 
 @pytest.mark.parametrize("build", list(BUILDS))
