@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from ftdist import run_folder as layout
-from ftdist import storage
+from ftdist import run_lease, storage
 from ftdist.baseline import tfidf_baseline
 from ftdist.config import RunConfig, config_record
 from ftdist.uri import join_uri
@@ -100,6 +100,20 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
             print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
                   f"{join_uri(run_uri, layout.SUMMARY)})")
             return summary
+        lease = run_lease.acquire(run_uri, cfg.storage)  # before anything is written: one driver per folder
+    try:
+        return _train_and_report(cfg, started_at)
+    finally:
+        run_lease.release(lease)
+
+
+def _train_and_report(cfg: RunConfig, started_at: float) -> dict[str, Any]:
+    """The part of a run that writes into the run folder: under the folder's lease."""
+    run_uri = cfg.run_uri()
+    with unreachable_storage_is_a_user_error():
+        state = check_run_folder(cfg)  # again under the lease: another driver may have finished meanwhile
+        if state == "completed":
+            return read_json(join_uri(run_uri, layout.SUMMARY), cfg)
         if cfg.tasks:
             facts = multitask_preflight(cfg)
         else:

@@ -103,7 +103,7 @@ def check_run_folder(cfg: RunConfig) -> str:
     run_uri = cfg.run_uri()
     marker = join_uri(run_uri, layout.RUN_MARKER)
     if not storage.exists(marker, cfg.storage):
-        if storage.listdir(run_uri, cfg.storage):
+        if [n for n in storage.listdir(run_uri, cfg.storage) if not n.startswith(layout.LEASE)]:
             raise UserError(f"run folder '{run_uri}' exists but was not made by ftdist; choose another run.name "
                             f"or storage.path")
         return "new"

@@ -22,6 +22,7 @@ from ftdist.uri import join_uri
 CONFIG = "config.yaml"  # the resolved config, secrets redacted, ${env:...} references kept
 RUN_MARKER = "ftdist_run.json"  # fingerprint and world size: resume vs "another config"
 SUMMARY = "summary.json"  # written last by the driver: the run is complete
+LEASE = ".ftdist-lease.json"  # held by the one driver training into the folder (ftdist.run_lease)
 RESULT = "train_result.json"  # the worker-side result (rank 0)
 PREDICTIONS = "test_predictions.jsonl"  # test predictions by sample_id
 MODEL = "model"  # the HF export of the best checkpoint

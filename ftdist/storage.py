@@ -127,6 +127,11 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
+def has_error_code(exc: BaseException, codes: set[str]) -> bool:
+    """Whether ``exc`` or an exception it was raised from carries one of the S3 error ``codes``."""
+    return any(_error_code(e) in codes for e in _chain(exc))
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen = set()
     cur: BaseException | None = exc

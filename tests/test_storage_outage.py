@@ -16,6 +16,7 @@ from conftest import S3Server, base_config
 import yaml
 
 from ftdist.config import load_config
+from ftdist.errors import UserError
 from ftdist.launcher import run_training
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,9 @@ def test_short_outage_is_ridden_out(own_s3, tiny_bert, cls_data, ray_local):
                                        train={"epochs": 5}, storage=storage))
     t, out = _start(cfg)
     _wait_for_checkpoint(fs, "outage/runs/short", t)
+    # A second driver on the same S3 run folder while the first trains refuses (conditional-PUT lease).
+    with pytest.raises(UserError, match="is in use by another ftdist driver"):
+        run_training(cfg)
     own_s3.stop()
     time.sleep(3)
     own_s3.start()
@@ -108,6 +112,11 @@ def test_long_outage_exits_1_through_the_cli_and_rerun_resumes(own_s3, tiny_bert
         while "epoch001" not in _read(runs / "long" / "checkpoint_manager_snapshot.json"):
             assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
             time.sleep(0.2)
+        # The same command again while the first driver trains: refused in one line, exit 2 (audit D14).
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 2, (second.stdout[-2000:], second.stderr[-3000:])
+        assert second.stderr.strip().splitlines()[-1].startswith("ftdist: error: run folder"), second.stderr[-2000:]
+        assert "is in use by another ftdist driver" in second.stderr and "Traceback" not in second.stderr
         own_s3.stop()
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, (out[-2000:], err[-3000:])
