@@ -48,6 +48,9 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert-large": ("bert", "sequence-classification", dict(hidden_size=1024, num_hidden_layers=24,
                                                             num_attention_heads=16, intermediate_size=4096)),
     "gpt2-medium": ("gpt2", "causal-lm", dict(n_embd=1024, n_layer=24, n_head=16)),
+    # the demo model's shape (all-MiniLM-L6-v2, 22.7M)
+    "minilm": ("bert", "sequence-classification", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                                        intermediate_size=1536)),
     "tiny": ("bert", "sequence-classification", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                       intermediate_size=64)),
 }
@@ -143,7 +146,9 @@ def worker(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    ckpt_bytes = _checkpoint_bytes(engine, dist.get_rank())
     out = {"variant": args.variant, "rank": dist.get_rank(), "params": n_params, "trainable": n_trainable,
+           "checkpoint_bytes": ckpt_bytes,
            "load_s": load_s, "rss_after_load_mb": rss_load, "rss_after_engine_mb": rss_engine,
            "rss_peak_mb": _rss_mb(), "optimizer_state_bytes": optimizer_state_bytes(engine),
            "step_s": times, "loss": float(loss),
@@ -151,6 +156,23 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.json).write_text(json.dumps(out))
     engine.destroy()
     dist.destroy_process_group()
+
+
+def _checkpoint_bytes(engine: Any, rank: int) -> int:
+    """Bytes of the checkpoint ftdist writes for this engine (``ftdist.checkpoint.save``), all ranks' files
+    (a collective: every rank calls)."""
+    import torch.distributed as dist
+
+    from ftdist import checkpoint as ckpt
+
+    with tempfile.TemporaryDirectory(prefix="ftdist-bench-ckpt-") as tmp:
+        shared = [tmp]
+        dist.broadcast_object_list(shared, src=0)  # one folder, as a run's checkpoint (one node here)
+        ckpt.save(engine, ckpt.TrainState(), rank, shared[0], record_samples=False)
+        dist.barrier()
+        size = sum(f.stat().st_size for f in Path(shared[0]).rglob("*") if f.is_file()) if rank == 0 else 0
+        dist.barrier()
+    return size
 
 
 def run_variant(args: argparse.Namespace, variant: str, model_dir: Path, tmp: Path) -> dict[str, Any]:
@@ -189,6 +211,7 @@ def run_variant(args: argparse.Namespace, variant: str, model_dir: Path, tmp: Pa
             "rss_after_load_mb": max(r["rss_after_load_mb"] for r in ranks),
             "rss_after_engine_mb": max(r["rss_after_engine_mb"] for r in ranks),
             "optimizer_state_mb": max(r["optimizer_state_bytes"] for r in ranks) / 2**20,
+            "checkpoint_mb": ranks[0]["checkpoint_bytes"] / 2**20,
             "cuda_peak_mb": ranks[0]["cuda_peak_mb"], "step_s": statistics.median(steps),
             "load_s": max(r["load_s"] for r in ranks), "ranks": ranks}
 
@@ -196,15 +219,17 @@ def run_variant(args: argparse.Namespace, variant: str, model_dir: Path, tmp: Pa
 def table(rep: dict[str, Any]) -> str:
     base = next((r for r in rep["results"] if r["variant"] == "zero0" and r["status"] == "ok"), None)
     lines = ["| variant | trainable params | peak RSS / worker (MB) | × zero0 | RSS after load (MB) | "
-             "optimizer state / worker (MB) | step (s) | × zero0 |", "|---|---|---|---|---|---|---|---|"]
+             "optimizer state / worker (MB) | checkpoint (MB, all ranks) | step (s) | × zero0 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rep["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['variant']} | failed: {r['error']} ||||||||")
             continue
         rel = f"{r['rss_peak_mb'] / base['rss_peak_mb']:.2f}" if base else "-"
         rel_t = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
         lines.append(f"| {r['variant']} | {r['trainable']:,} | {r['rss_peak_mb']:,.0f} | {rel} | "
-                     f"{r['rss_after_load_mb']:,.0f} | {r['optimizer_state_mb']:,.0f} | {r['step_s']:.2f} | {rel_t} |")
+                     f"{r['rss_after_load_mb']:,.0f} | {r['optimizer_state_mb']:,.0f} | "
+                     f"{r.get('checkpoint_mb', float('nan')):,.1f} | {r['step_s']:.2f} | {rel_t} |")
     return "\n".join(lines)
 
 

@@ -75,7 +75,10 @@ def checkpoint_name(state: TrainState) -> str:
 def save(engine: Any, state: TrainState, rank: int, directory: str, record_samples: bool) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (all ranks must call: collective)."""
     os.makedirs(directory, exist_ok=True)
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG)
+    # Frozen weights (LoRA's base model, train.freeze) never change: they come back from model.path when
+    # the model is built, so a checkpoint holds the trainable weights and their optimizer state only
+    # (a LoRA checkpoint of a 7B model: megabytes, not ~14 GB).
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG, exclude_frozen_parameters=has_frozen(engine))
     rng = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -98,7 +101,7 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
     resized = world_size is not None and saved != world_size
     ds_dir = os.path.join(directory, "ds")
     kw = dict(tag=DS_TAG, load_module_only=module_only, load_optimizer_states=not module_only,
-              load_lr_scheduler_states=not module_only)
+              load_lr_scheduler_states=not module_only, load_module_strict=not has_frozen(engine))
     if resized and not module_only and engine.zero_optimization_stage() >= 1:
         with tempfile.TemporaryDirectory(prefix="ftdist-universal-") as tmp:
             _load_universal(engine, _to_universal(ds_dir, tmp), kw)
@@ -123,6 +126,11 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
                 for epoch, ids in json.load(f).items():
                     state.samples.setdefault(epoch, []).extend(ids)
     return state
+
+
+def has_frozen(engine: Any) -> bool:
+    """Whether the model has frozen parameters (left out of its checkpoints, see :func:`save`)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def saved_world_size(directory: str) -> int:
