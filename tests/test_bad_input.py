@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import base_config, prepare_local, synthetic_rows, write_jsonl
+from exports import export_tiny
 from ftdist.cli import main
 
 
@@ -37,6 +38,10 @@ def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data, s3_server):
     (root / "int-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
     (root / "fraction-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n')
     gpt_ds = prepare_local(raw, root / "gpt-tok-ds", tiny_gpt, label_names=["negative", "neutral", "positive"])
+    deployed = root / "runs" / "deployed"  # a finished run to predict with: ftdist_run.json and model/
+    export_tiny(tiny_bert, deployed / "model")
+    (deployed / "ftdist_run.json").write_text(json.dumps({"fingerprint": "0ddba11", "config": {}}))
+    export_tiny(tiny_bert, root / "adapter-run" / "model", lora_adapter=True)
     four = prepare_local(raw, root / "four-labels-ds", tiny_bert, label_names=["negative", "neutral", "positive", "mixed"])
     return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
             "gpt_ds": gpt_ds, "four": four, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
@@ -200,7 +205,18 @@ CASES = {
                                "did you mean 'train.epochs'"),
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
+    # --- predict: inputs and flags
+    "predict-lora-adapter-export": (lambda w: predict(w, str(w["root"] / "p"), model=str(w["root"] / "adapter-run")),
+                                    "export it merged (model.lora.export: merged)"),
+    "serve-lora-adapter-export": (lambda w: ["serve", str(w["root"] / "adapter-run")],
+                                  "export it merged (model.lora.export: merged)"),
 }
+
+
+def predict(w, output: str, *extra: str, model: str | None = None, inp: str | None = None) -> list[str]:
+    """``ftdist predict`` with the deployed run's export on a small JSONL file unless told otherwise."""
+    return ["predict", model or str(w["root"] / "runs" / "deployed"), "--input", inp or w["raw"], "--output", output,
+            *extra]
 
 
 def pipe(w, task_model: str) -> list[str]:
@@ -231,7 +247,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 68  # the README's count: a case removed must be a decision, not an accident
+    assert len(CASES) == 71  # the README's count: a case added or removed is a decision, not an accident
 
 
 @pytest.mark.parametrize("labels, names, ids", [
