@@ -206,6 +206,14 @@ CASES = {
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
     # --- predict: inputs and flags
+    "predict-cpus-nan": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "nan"),
+                         "--cpus-per-worker: 'nan' is not a positive number"),
+    "predict-cpus-negative": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "-1"),
+                              "--cpus-per-worker: '-1' is not a positive number"),
+    "predict-cpus-inf": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "inf"),
+                         "--cpus-per-worker: 'inf' is not a positive number"),
+    "predict-gpus-negative": (lambda w: predict(w, str(w["root"] / "p"), "--gpus-per-worker", "-1"),
+                              "--gpus-per-worker: '-1' is not a number >= 0"),
     "predict-lora-adapter-export": (lambda w: predict(w, str(w["root"] / "p"), model=str(w["root"] / "adapter-run")),
                                     "export it merged (model.lora.export: merged)"),
     "serve-lora-adapter-export": (lambda w: ["serve", str(w["root"] / "adapter-run")],
@@ -247,7 +255,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) == 71  # the README's count: a case added or removed is a decision, not an accident
+    assert len(CASES) == 75  # the README's count: a case added or removed is a decision, not an accident
 
 
 @pytest.mark.parametrize("labels, names, ids", [
