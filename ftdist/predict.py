@@ -97,13 +97,36 @@ def inspect_input(opts: PredictOptions) -> Source:
         raise UserError(f"cannot tell the format of '{redact_uri(files[0])}' from its name; pass --format jsonl|csv|parquet")
     if opts.format == "auto" and len({_ext_format(f) for f in files}) > 1:
         raise UserError(f"input folder '{redact_uri(uri)}' mixes formats; keep one format per folder")
-    columns = _columns(files[0], fmt, cfg)
-    for flag, name in (("--text-field", opts.text_field), ("--id-field", opts.id_field)):
-        if name not in columns:
-            raise UserError(f"input '{redact_uri(files[0])}' has no column {name!r} (columns: {', '.join(columns)}); "
-                            f"set {flag}" + ("; every output row carries its input row's id" if flag == "--id-field" else ""))
+    _check_files(uri, files, fmt, opts)
     rows, exact = _count_rows(files, fmt, cfg)
     return Source(fmt, files, opts.id_field, opts.text_field, rows, exact)
+
+
+def _check_files(uri: str, files: list[str], fmt: str, opts: PredictOptions) -> None:
+    """Every file has the text and id columns, and the ids are of one kind across the files: Arrow
+    cannot put integer ids of one file and text ids of another into one column, and fails deep
+    inside Ray if asked to."""
+    first: tuple[str, str] | None = None  # (file, id kind)
+    for f in files:
+        head = _head(f, fmt, opts.storage)
+        for flag, name in (("--text-field", opts.text_field), ("--id-field", opts.id_field)):
+            if name not in head.columns:
+                raise UserError(f"input '{redact_uri(f)}' has no column {name!r} (columns: {', '.join(head.columns)}); "
+                                f"set {flag}" + ("; every output row carries its input row's id"
+                                                 if flag == "--id-field" else ""))
+        kind = head.kinds.get(opts.id_field)
+        if kind is None:
+            continue
+        if first is None:
+            first = (f, kind)
+        elif kind != first[1]:
+            raise UserError(f"input folder '{redact_uri(uri)}' mixes id types: '{_name(f)}' has {kind} ids but "
+                            f"'{_name(first[0])}' has {first[1]} ids; give column {opts.id_field!r} one type in "
+                            f"every file")
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _ext_format(uri: str) -> str | None:
@@ -118,35 +141,83 @@ def _prepared_split(uri: str, cfg: StorageSection) -> Source:
     return Source("parquet", files, "sample_id", None if m.tokenized else "text", m.num_rows, True)
 
 
-def _columns(uri: str, fmt: str, cfg: StorageSection) -> list[str]:
-    """The first file's column names, from its first line (JSONL, CSV) or its footer (Parquet)."""
-    import csv
+@dataclass(frozen=True)
+class FileHead:
+    """A file's column names and, where its first row or footer tells, each column's kind of value."""
 
+    columns: list[str]
+    kinds: dict[str, str]  # column -> "integer" | "number" | "text" | "boolean" | an Arrow type name
+
+
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Excel's "CSV UTF-8"); Arrow's readers skip it too
+
+
+def _head(uri: str, fmt: str, cfg: StorageSection) -> FileHead:
+    """The file's columns from its first non-blank line (JSONL, CSV) or its footer (Parquet).
+
+    Why each refusal: an empty file, a damaged Parquet footer or undecodable bytes would otherwise
+    surface as "no column 'text'" or as a traceback from inside Ray, naming neither file nor fix."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri, cfg)
+    where = redact_uri(uri)
 
-    def read() -> str | list[str]:
+    def read() -> bytes | pa.Schema:
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
-                return list(pq.ParquetFile(f).schema_arrow.names)
-            return f.readline(1 << 20).decode("utf-8")
+                return pq.ParquetFile(f).schema_arrow
+            return f.read(1 << 20)
 
     try:
         head = storage.retrying(read, uri, "reading", cfg)
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"input '{redact_uri(uri)}' could not be read as {fmt} ({type(e).__name__}); "
-                        f"check --format") from None
-    if isinstance(head, list):
-        return head
-    if fmt == "csv":
-        return next(csv.reader([head]), [])
+    except (pa.ArrowException, OSError) as e:
+        if fmt == "parquet":
+            raise UserError(f"input '{where}' is not a readable Parquet file ({str(e).splitlines()[0][:80]}); "
+                            f"replace the file or check --format") from None
+        raise UserError(f"input '{where}' could not be read as {fmt} ({type(e).__name__}); check --format") from None
+    if isinstance(head, pa.Schema):
+        return FileHead(list(head.names), {f.name: _arrow_kind(f.type) for f in head})
+    line = next((ln for ln in head.removeprefix(BOM).splitlines() if ln.strip()), b"")
+    if not line:
+        raise UserError(f"input '{where}' is empty; remove it from --input or give a file with rows")
     try:
-        record = json.loads(head) if head.strip() else {}
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"input '{where}' is not UTF-8 text; save it as UTF-8 or check --format") from None
+    if fmt == "csv":
+        import csv
+
+        columns = next(csv.reader([text]), [])
+        return FileHead(columns, dict.fromkeys(columns, "text"))  # CSV values are read as text (ids keep "007")
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError:
-        raise UserError(f"input '{redact_uri(uri)}' is not JSON Lines (its first line is not a JSON object); "
+        raise UserError(f"input '{where}' is not JSON Lines (its first line is not a JSON object); "
                         f"check --format") from None
-    return list(record) if isinstance(record, dict) else []
+    if not isinstance(record, dict):
+        return FileHead([], {})
+    return FileHead(list(record), {k: _json_kind(v) for k, v in record.items() if v is not None})
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "text"}.get(type(value), type(value).__name__)
+
+
+def _arrow_kind(t: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    return "boolean" if pa.types.is_boolean(t) else str(t)
 
 
 def _count_rows(files: list[str], fmt: str, cfg: StorageSection) -> tuple[int | None, bool]:
@@ -279,10 +350,16 @@ def _connect(address: str | None) -> bool:
 def _dataset(opts: PredictOptions, source: Source) -> Any:
     import ray
 
+    import pyarrow as pa
+    from pyarrow import csv
+
     fs, _ = storage.pyarrow_filesystem(source.files[0], opts.storage)
     paths = [storage.filesystem(f, opts.storage)[1] for f in source.files]
+    # CSV columns are read as text: Arrow's type inference would turn ids such as 007 into the integer 7,
+    # and the id is what ties an output row to its input row
+    as_text = csv.ConvertOptions(column_types={c: pa.string() for c in (source.id_column, source.text_column) if c})
     read = {"jsonl": lambda: ray.data.read_json(paths, filesystem=fs, num_cpus=0.25),
-            "csv": lambda: ray.data.read_csv(paths, filesystem=fs, num_cpus=0.25),
+            "csv": lambda: ray.data.read_csv(paths, filesystem=fs, num_cpus=0.25, convert_options=as_text),
             "parquet": lambda: ray.data.read_parquet(paths, filesystem=fs, num_cpus=0.25)}[source.format]
     columns = [source.id_column, source.text_column or "input_ids"]
     return read().select_columns(columns)

@@ -42,6 +42,11 @@ def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data, s3_server):
     export_tiny(tiny_bert, deployed / "model")
     (deployed / "ftdist_run.json").write_text(json.dumps({"fingerprint": "0ddba11", "config": {}}))
     export_tiny(tiny_bert, root / "adapter-run" / "model", lora_adapter=True)
+    (root / "inputs").mkdir()
+    write_jsonl(root / "inputs" / "a.jsonl", synthetic_rows(5))
+    write_jsonl(root / "inputs" / "b.jsonl", [{**r, "id": f"s{r['id']}"} for r in synthetic_rows(5)])
+    (root / "garbage.parquet").write_bytes(bytes(range(256)) * 12)
+    (root / "empty.jsonl").write_bytes(b"")
     four = prepare_local(raw, root / "four-labels-ds", tiny_bert, label_names=["negative", "neutral", "positive", "mixed"])
     return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
             "gpt_ds": gpt_ds, "four": four, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
@@ -206,6 +211,11 @@ CASES = {
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
     # --- predict: inputs and flags
+    "predict-corrupt-parquet": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "garbage.parquet")),
+                                "is not a readable Parquet file"),
+    "predict-empty-file": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "empty.jsonl")), "is empty"),
+    "predict-mixed-id-types": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "inputs")),
+                               "'b.jsonl' has text ids but 'a.jsonl' has integer ids"),
     "predict-cpus-nan": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "nan"),
                          "--cpus-per-worker: 'nan' is not a positive number"),
     "predict-cpus-negative": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "-1"),
@@ -255,7 +265,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) == 75  # the README's count: a case added or removed is a decision, not an accident
+    assert len(CASES) == 78  # the README's count: a case added or removed is a decision, not an accident
 
 
 @pytest.mark.parametrize("labels, names, ids", [
