@@ -22,8 +22,10 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,9 @@ from ftdist.errors import UserError
 from ftdist.failures import error_line_from_ray, user_error_from_ray
 from ftdist.inference import CLASSIFICATION, ExportInfo, Predictor, locate_export
 from ftdist.redaction import redact_uri
+from ftdist.run_folder import RUN_MARKER, is_checkpoint
 
+log = logging.getLogger(__name__)
 PREDICT_MARKER = "ftdist_predict.json"  # written last: the output is complete
 MANIFEST = "manifest.json"  # a prepared split's (ftdist.data.manifest owns the format)
 FORMATS = ("auto", "jsonl", "csv", "parquet")
@@ -291,13 +295,101 @@ def _result_columns(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
 # The driver
 
 
-def check_output(opts: PredictOptions) -> None:
-    """Refuse to mix results into an existing output unless --overwrite (then it is removed first)."""
-    if storage.listdir(opts.output, opts.storage) or storage.exists(opts.output, opts.storage):
-        if not opts.overwrite:
-            raise UserError(f"output '{redact_uri(opts.output)}' already exists; pass --overwrite to replace it or "
-                            f"choose another --output")
-        storage.remove(opts.output, opts.storage)
+PREDICT_FILE = re.compile(r"^part-\d{5}\.parquet$")  # what ShardWriter names its shards
+
+
+def check_output(opts: PredictOptions, info: ExportInfo) -> None:
+    """Refuse an ``--output`` whose replacement would destroy something, before anything is touched.
+
+    Why: ``--overwrite`` replaces the output, so an output that is, holds or lies inside the input,
+    the model or any ftdist run or export would lose them; an output holding files ftdist predict
+    did not write is somebody else's folder. Without ``--overwrite`` an existing output is refused."""
+    out, cfg = opts.output.rstrip("/"), opts.storage
+    where = redact_uri(out)
+    if storage.is_remote(out) and "/" not in out.partition("://")[2].strip("/"):
+        raise UserError(f"--output '{where}' is a bucket root; nothing was removed: name a folder inside it, "
+                        f"e.g. {where}/predictions")
+    guarded = [("input", opts.input), ("model", opts.model), ("model", info.uri)]
+    for what, uri in guarded:
+        relation = _relation(out, uri)
+        if relation:
+            raise UserError(f"--output '{where}' {relation} the {what} '{redact_uri(uri.rstrip('/'))}'; nothing "
+                            f"was removed: choose an --output outside it")
+    for folder, what in _ftdist_folders_around(out, cfg):
+        relation = "is" if folder == out else "lies inside"
+        raise UserError(f"--output '{where}' {relation} the {what} '{redact_uri(folder)}'; nothing was removed: "
+                        f"choose an --output outside it")
+    if not storage.exists(out, cfg) and not storage.listdir(out, cfg):
+        return
+    if not opts.overwrite:
+        raise UserError(f"output '{where}' already exists; pass --overwrite to replace it or choose another --output")
+    fs, path = storage.filesystem(out, cfg)
+    if not storage.retrying(lambda: fs.isdir(path), out, "listing", cfg):
+        raise UserError(f"--output '{where}' is a file, not the folder of an earlier ftdist predict; nothing was "
+                        f"removed: choose another --output")
+    foreign = [n for n in storage.listdir(out, cfg) if n != PREDICT_MARKER and not PREDICT_FILE.match(n)]
+    if foreign:
+        raise UserError(f"--output '{where}' holds files ftdist predict did not write ({', '.join(map(repr, foreign[:3]))}"
+                        f"{', ...' if len(foreign) > 3 else ''}); nothing was removed: choose another --output")
+
+
+def _location(uri: str) -> str:
+    """A comparable form of ``uri``: a local path resolved (symlinks, ``..``), a remote one as written."""
+    uri = uri.rstrip("/")
+    if storage.is_remote(uri):
+        return uri
+    return os.path.realpath(storage.local_path(uri))
+
+
+def _relation(out: str, other: str) -> str | None:
+    """"is", "holds" or "lies inside": how ``out`` overlaps ``other``; None if they are apart."""
+    a, b = _location(out), _location(other)
+    if a == b:
+        return "is"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "holds"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "lies inside"
+    return None
+
+
+def _ftdist_folders_around(out: str, cfg: StorageSection) -> list[tuple[str, str]]:
+    """The ftdist run folders, exports and prepared splits that ``out`` is or lies inside, nearest first
+    (their markers: ``ftdist_run.json``, ``ftdist_export.json``, ``manifest.json``)."""
+    from ftdist.export import EXPORT_MARKER
+
+    found = []
+    markers = ((RUN_MARKER, "ftdist run folder"), (EXPORT_MARKER, "ftdist export"), (MANIFEST, "prepared split"))
+    folder = out
+    while True:
+        if is_checkpoint(_name(folder)):
+            found.append((folder, "checkpoint"))
+        for marker, what in markers:
+            if storage.exists(join_uri(folder, marker), cfg):
+                found.append((folder, what))
+        parent = _parent(folder)
+        if parent is None:
+            return found
+        folder = parent
+
+
+def _parent(uri: str) -> str | None:
+    """The folder holding ``uri``; None at a filesystem root or a bucket."""
+    if storage.is_remote(uri):
+        scheme, _, path = uri.partition("://")
+        head = path.strip("/").rpartition("/")[0]
+        return f"{scheme}://{head}" if head else None
+    path = os.path.abspath(storage.local_path(uri))
+    parent = os.path.dirname(path)
+    return parent if parent != path else None
+
+
+def staging_uri(output: str) -> str:
+    """A hidden sibling of ``output`` to write into: the previous output stays as it is until the new
+    one is complete (then ``storage.replace_dir`` swaps it in), and an input folder listing skips it."""
+    out = output.rstrip("/")
+    head, _, name = out.rpartition("/")
+    return f"{head}/.{name}.predict-{uuid.uuid4().hex[:8]}" if head else f".{name}.predict-{uuid.uuid4().hex[:8]}"
 
 
 def pool_size(opts: PredictOptions, resources: dict[str, float]) -> tuple[int, float]:
@@ -316,16 +408,31 @@ def run_predict(opts: PredictOptions, progress: Callable[[str], None] | None = N
     ``ftdist_predict.json``). Starts a local Ray cluster unless one is connected or addressed."""
     info = locate_export(opts.model, opts.storage)  # before Ray: an incomplete folder is refused at once
     source = inspect_input(opts)
-    check_output(opts)
+    check_output(opts, info)
     say = progress or _stderr
+    staged = staging_uri(opts.output)
     started_ray = _connect(opts.address)
     try:
-        return _execute(opts, info, source, say)
+        try:
+            record = _execute(opts, info, source, staged, say)
+        except BaseException:  # a failure or Ctrl-C: no partial output is left; a previous one is untouched
+            _discard(staged, opts.storage)
+            raise
+        storage.replace_dir(staged, opts.output.rstrip("/"), opts.storage, last=PREDICT_MARKER)
+        return record
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _discard(uri: str, cfg: StorageSection) -> None:
+    """Remove an unfinished staged output; a failure to do so is logged, never hides the first error."""
+    try:
+        storage.remove(uri, cfg)
+    except Exception as e:  # noqa: BLE001 - best effort: the original error is what the user needs
+        log.warning("could not remove the unfinished output '%s' (%s); delete it by hand", redact_uri(uri), e)
 
 
 def _stderr(line: str) -> None:
@@ -365,7 +472,9 @@ def _dataset(opts: PredictOptions, source: Source) -> Any:
     return read().select_columns(columns)
 
 
-def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callable[[str], None]) -> dict[str, Any]:
+def _execute(opts: PredictOptions, info: ExportInfo, source: Source, staged: str,
+             say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the pipeline, writing shards and the marker into ``staged`` (see ``staging_uri``)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -381,7 +490,7 @@ def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callab
     total = f"{'' if source.exact else '~'}{source.rows:,}" if source.rows else "?"
     say(f"predict: {redact_uri(opts.input)} ({source.format}, {total} rows) with {redact_uri(info.uri)} on up to "
         f"{workers} worker(s), batch {opts.batch_size}{f', {gpus:g} GPU each' if gpus else ''}")
-    writer = ShardWriter(opts.output, opts.storage, opts.rows_per_file)
+    writer = ShardWriter(staged, opts.storage, opts.rows_per_file)
     t0 = last = time.monotonic()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -399,7 +508,7 @@ def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callab
     record = {"rows": writer.rows, "files": writer.files, "seconds": round(elapsed, 3),
               "rows_per_s": round(writer.rows / elapsed, 2) if elapsed else None, "input": redact_uri(opts.input),
               "workers": workers, "batch_size": opts.batch_size, **info.metadata()}
-    storage.write_text(join_uri(opts.output, PREDICT_MARKER), json.dumps(record, indent=1), opts.storage)
+    storage.write_text(join_uri(staged, PREDICT_MARKER), json.dumps(record, indent=1), opts.storage)
     return record
 
 

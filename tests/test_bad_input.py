@@ -210,6 +210,23 @@ CASES = {
                                "did you mean 'train.epochs'"),
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
+    # --- predict: --overwrite never removes what it must not (checked before anything is touched)
+    "predict-overwrite-model-run": (lambda w: predict(w, str(w["root"] / "runs" / "deployed"), "--overwrite"),
+                                    "runs/deployed' is the model '"),
+    "predict-overwrite-export": (lambda w: predict(w, str(w["root"] / "runs" / "deployed" / "model"), "--overwrite"),
+                                 "runs/deployed/model' lies inside the model '"),
+    "predict-overwrite-input": (lambda w: predict(w, w["raw"], "--overwrite"), "raw.jsonl' is the input '"),
+    "predict-overwrite-input-parent": (lambda w: predict(w, str(w["root"] / "inputs"), "--overwrite",
+                                                         inp=str(w["root"] / "inputs" / "a.jsonl")),
+                                       "inputs' holds the input '"),
+    "predict-overwrite-inside-run": (lambda w: predict(w, str(w["root"] / "runs" / "existing" / "scored"), "--overwrite"),
+                                     "existing/scored' lies inside the ftdist run folder '"),
+    "predict-overwrite-runs-parent": (lambda w: predict(w, str(w["root"] / "runs"), "--overwrite"),
+                                      "runs' holds the model '"),
+    "predict-overwrite-other-files": (lambda w: predict(w, w["ds"], "--overwrite"),
+                                      "holds files ftdist predict did not write ('test'"),
+    "predict-output-bucket-root": (lambda w: predict(w, w["bucket"], "--overwrite", "--endpoint-url", w["s3"]),
+                                   "is a bucket root"),
     # --- predict: inputs and flags
     "predict-corrupt-parquet": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "garbage.parquet")),
                                 "is not a readable Parquet file"),
@@ -265,7 +282,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) == 78  # the README's count: a case added or removed is a decision, not an accident
+    assert len(CASES) == 86  # the README's count: a case added or removed is a decision, not an accident
 
 
 @pytest.mark.parametrize("labels, names, ids", [
