@@ -140,6 +140,19 @@ def _finite(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def interrupted_message(command: str) -> str:
+    """What Ctrl-C leaves behind and what rerunning the command does; each command differs."""
+    if command == "tune":
+        return "ftdist: interrupted; add --resume to continue the sweep from the latest checkpoint"
+    if command == "predict":
+        return ("ftdist: interrupted; the partial output was removed and any earlier --output is untouched: "
+                "rerun the same command to start over")
+    if command == "data":
+        return ("ftdist: interrupted; data prepare keeps no partial state: rerun the same command to start over "
+                "(add --overwrite if --output already holds some splits)")
+    return "ftdist: interrupted; rerun the same command to resume from the latest checkpoint"
+
+
 def _add_deploy_args(sub: Any) -> None:
     """``ftdist predict`` and ``ftdist serve`` (see README, Deploying a model)."""
     model_help = "exported model: <run folder>/model, a run folder, a sweep folder (best_model) - local, s3:// or pkg://"
@@ -323,6 +336,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftdist: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        again = "add --resume to continue the sweep" if args.command == "tune" else "rerun the same command to resume"
-        print(f"ftdist: interrupted; {again} from the latest checkpoint", file=sys.stderr)
+        print(interrupted_message(args.command), file=sys.stderr)
         return 130

@@ -91,3 +91,20 @@ def test_request_parser_accepts_one_text_or_a_list():
     limits = Limits(max_texts=2, max_text_chars=5)
     assert parse_request(json.dumps({"text": "abc"}).encode(), limits) == (["abc"], True)
     assert parse_request(json.dumps({"texts": ["a", "é"]}).encode(), limits) == (["a", "é"], False)
+
+
+@pytest.mark.parametrize("command,says", [
+    ("predict", "the partial output was removed and any earlier --output is untouched: rerun the same command to "
+                "start over"),
+    ("data", "data prepare keeps no partial state: rerun the same command to start over"),
+    ("tune", "add --resume to continue the sweep"),
+    ("train", "rerun the same command to resume from the latest checkpoint"),
+])
+def test_ctrl_c_message_says_what_a_rerun_does(command, says):
+    """predict and data prepare keep no checkpoint (README, Deploying a model): their Ctrl-C line must not
+    promise a resume; tests/test_predict_overwrite.py interrupts a real predict and checks what it left."""
+    from ftdist.cli import interrupted_message
+
+    line = interrupted_message(command)
+    assert line.startswith("ftdist: interrupted; ") and says in line and "\n" not in line
+    assert ("checkpoint" in line) == (command in ("tune", "train"))

@@ -88,6 +88,9 @@ def test_failing_or_interrupted_rerun_leaves_the_previous_local_output(model, ra
         predict.PROGRESS_EVERY_S = 5.0
     assert _files(out) == before  # what interrupted_message promises
     _no_staging_left(tmp_path)
+    from ftdist.cli import interrupted_message
+
+    assert "partial output was removed" in interrupted_message("predict")
 
     assert run_predict(again, progress=lambda _: None)["rows"] == 5  # the rerun replaces the output
     assert sorted(_ids(out)) == list(range(5)) and sorted(_files(out)) == [
