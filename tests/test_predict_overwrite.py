@@ -52,6 +52,44 @@ def _no_staging_left(parent: Path) -> None:
     assert not [p.name for p in parent.iterdir() if p.name.startswith(".")], list(parent.iterdir())
 
 
+def test_ctrl_c_of_a_real_predict_leaves_the_previous_output_and_says_so(model, tmp_path):
+    """SIGINT to the process group of a running ``ftdist predict --overwrite`` (what Ctrl-C in a terminal
+    sends): exit 130, the line interrupted_message promises, the previous output byte for byte.
+    First in the module: the subprocess starts its own Ray before this module's cluster exists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = tmp_path / "many.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": f"row {i} " * 20}) + "\n" for i in range(50_000)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000.parquet").write_bytes(b"previous shard")
+    (out / PREDICT_MARKER).write_text("{}")
+    before = _files(out)
+    cmd = [sys.executable, "-c", "import sys; from ftdist.cli import main; sys.exit(main())", "predict", model, "--input", str(rows), "--output", str(out),
+           "--overwrite", "--batch-size", "8", "--cpus-per-worker", "0.5"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # the header comes once Ray runs the job
+            if line.startswith("[ftdist] predict:"):
+                break
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "ftdist: interrupted; the partial output was removed" in err.strip().splitlines()[-1], err
+    assert _files(out) == before
+    _no_staging_left(tmp_path)
+
+
 def test_failing_or_interrupted_rerun_leaves_the_previous_local_output(model, ray_module, tmp_path):
     import ftdist.predict as predict
 
