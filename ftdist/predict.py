@@ -520,9 +520,62 @@ def _input_error(e: Exception, opts: PredictOptions, source: Source) -> Exceptio
     for cls in ("ArrowInvalid", "JSONDecodeError", "UnicodeDecodeError", "ParserError"):
         line = error_line_from_ray(e, cls)
         if line is not None:
+            row = _bad_jsonl_row(source, opts) if source.format == "jsonl" else None
+            if row is not None:
+                return row
             return UserError(f"input '{redact_uri(opts.input)}' could not be parsed as {source.format}: "
                              f"{line[:160]}; check the file and --format")
     return e
+
+
+DIAGNOSE_LINES = 1_000_000  # lines the driver scans for the row Ray's JSON reader failed on
+
+
+def _bad_jsonl_row(source: Source, opts: PredictOptions) -> UserError | None:
+    """The first JSONL row Arrow cannot read, found on the driver after Ray's reader failed.
+
+    Why: Ray falls back to Python's parser on the whole block when Arrow's fails, and reports that
+    parser's error ("Extra data: line 2 column 1"), which names neither the row nor the problem.
+    Arrow refuses a row whose id type differs from earlier rows' and a string holding an unpaired
+    UTF-16 surrogate (Python's json accepts both). None if the first lines show nothing."""
+    kind: str | None = None
+    scanned = 0
+    for f in source.files:
+        where = redact_uri(f)
+        fs, path = storage.filesystem(f, opts.storage)
+        with fs.open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                scanned += 1
+                if scanned > DIAGNOSE_LINES:
+                    return None
+                try:
+                    record = json.loads(raw.removeprefix(BOM).decode("utf-8")) if raw.strip() else {}
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return UserError(f"input '{where}' line {n} is not JSON ({e}); fix or drop the line")
+                if not isinstance(record, dict):
+                    return UserError(f"input '{where}' line {n} is not a JSON object; fix or drop the line")
+                for name, value in record.items():
+                    if isinstance(value, str) and not _is_unicode(value):
+                        return UserError(f"input '{where}' line {n}: field {name!r} holds an unpaired surrogate "
+                                         f"(an escape such as \\udc80), which is not valid Unicode; fix the row")
+                value = record.get(opts.id_field)
+                if value is None:
+                    continue
+                row_kind = _json_kind(value)
+                if kind is None:
+                    kind = row_kind
+                elif row_kind != kind:
+                    return UserError(f"input '{where}' line {n}: id {value!r} is {row_kind} but earlier rows have "
+                                     f"{kind} ids; give column {opts.id_field!r} one type")
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def progress_line(done: int, total: int | None, exact: bool, elapsed: float) -> str:

@@ -108,3 +108,23 @@ def test_ctrl_c_message_says_what_a_rerun_does(command, says):
     line = interrupted_message(command)
     assert line.startswith("ftdist: interrupted; ") and says in line and "\n" not in line
     assert ("checkpoint" in line) == (command in ("tune", "train"))
+
+
+@pytest.mark.parametrize("lines, reason", [
+    (['{"id": 1, "text": "a"}', '', '{"id": "x", "text": "b"}'], "line 3: id 'x' is text but earlier rows have integer ids"),
+    (['{"id": 1, "text": "a"}', '["id", 2]'], "line 2 is not a JSON object"),
+    (['{"id": 1, "text": "a"}', '{"id": 2, "text": "b"} trailing'], "line 2 is not JSON (Extra data"),
+])
+def test_the_jsonl_row_rays_reader_failed_on_is_found(lines, reason, tmp_path):
+    """What predict reports once Ray's JSON reader failed mid-stream (tests/test_predict_overwrite.py
+    runs one through Ray): the file and line of the first row Arrow cannot read, on the driver."""
+    from ftdist.config import StorageSection
+    from ftdist.predict import PredictOptions, Source, _bad_jsonl_row
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    opts = PredictOptions(model="m", input=str(f), output=str(tmp_path / "o"), storage=StorageSection())
+    err = _bad_jsonl_row(Source("jsonl", [str(f)], "id", "text", None, False), opts)
+    assert err is not None and str(err).startswith(f"input '{f}' {reason}"), err
+    f.write_text(lines[0] + "\n")
+    assert _bad_jsonl_row(Source("jsonl", [str(f)], "id", "text", None, False), opts) is None

@@ -164,3 +164,14 @@ def test_failing_rerun_leaves_the_previous_s3_output(model, ray_module, s3_serve
     assert json.loads(new[PREDICT_MARKER])["rows"] == 3
     fs.get(f"{bucket}/scored/part-00000.parquet", str(tmp_path / "p.parquet"))
     assert sorted(pq.read_table(tmp_path / "p.parquet").column("id").to_pylist()) == ["r0", "r1", "r2"]
+
+
+def test_a_jsonl_row_arrow_cannot_read_is_named_by_its_line(model, ray_module, tmp_path):
+    """Ray's reader fails on such a row and its fallback parser reports its own error ("Extra data:
+    line 2 column 1"); the driver then finds the row itself and names it."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "a"}\n\n{"id": 2, "text": "\\udc80"}\n')
+    with pytest.raises(UserError, match="input '.*bad.jsonl' line 3: field 'text' holds an unpaired surrogate"):
+        run_predict(PredictOptions(model=model, input=str(bad), output=str(tmp_path / "o"), cpus_per_worker=0.5),
+                    progress=lambda _: None)
+    assert not (tmp_path / "o").exists()
