@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -114,6 +115,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0. Why: ``float("nan")`` passes a ``<= 0`` check and then fails
+    as a traceback deep in Ray; ``inf`` asks for a resource no cluster has."""
+    value = _finite(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number (fractions such as 0.5 are fine)")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a finite number >= 0 (for GPU shares, where 0 means none)."""
+    value = _finite(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
+def _finite(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def interrupted_message(command: str) -> str:
+    """What Ctrl-C leaves behind and what rerunning the command does; each command differs."""
+    if command == "tune":
+        return "ftdist: interrupted; add --resume to continue the sweep from the latest checkpoint"
+    if command == "predict":
+        return ("ftdist: interrupted; the partial output was removed and any earlier --output is untouched: "
+                "rerun the same command to start over")
+    if command == "data":
+        return ("ftdist: interrupted; data prepare keeps no partial state: rerun the same command to start over "
+                "(add --overwrite if --output already holds some splits)")
+    return "ftdist: interrupted; rerun the same command to resume from the latest checkpoint"
+
+
 def _add_deploy_args(sub: Any) -> None:
     """``ftdist predict`` and ``ftdist serve`` (see README, Deploying a model)."""
     model_help = "exported model: <run folder>/model, a run folder, a sweep folder (best_model) - local, s3:// or pkg://"
@@ -126,8 +165,8 @@ def _add_deploy_args(sub: Any) -> None:
     p.add_argument("--id-field", default="id", help="the input column copied to each output row (prepared splits: sample_id)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="inference actors at most (default: what the cluster's CPUs/GPUs allow)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-worker", type=positive_number, default=1.0)
+    p.add_argument("--gpus-per-worker", type=non_negative_number, help="default: 1 where the cluster has GPUs, else 0")
     p.add_argument("--rows-per-file", type=int, default=100_000)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
@@ -157,8 +196,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         ("--workers", args.workers)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value} must be >= 1")
-    if args.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0 (fractions such as 0.5 are fine)")
     opts = PredictOptions(model=args.model, input=args.input, output=args.output, format=args.format,
                           text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
                           workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -299,6 +336,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftdist: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        again = "add --resume to continue the sweep" if args.command == "tune" else "rerun the same command to resume"
-        print(f"ftdist: interrupted; {again} from the latest checkpoint", file=sys.stderr)
+        print(interrupted_message(args.command), file=sys.stderr)
         return 130

@@ -88,6 +88,11 @@ def _parse_marker(folder: str, marker: str, text: str) -> ExportInfo:
     if task == "masked-lm":
         raise UserError(f"'{redact_uri(marker)}' is a masked-LM export (domain-adaptive pre-training): it has no "
                         f"predictions to serve; fine-tune a task from it (model.path: its folder) and deploy that")
+    if isinstance(record, dict) and record.get("format") == "lora-adapter":
+        # peft adapters load only onto their base model, which the export names but does not hold (and
+        # may have been a local path on the training machine): refused here rather than crashing in a replica
+        raise UserError(f"'{redact_uri(marker)}' is a LoRA adapter export (model.lora.export: adapter), which "
+                        f"predict and serve cannot load; export it merged (model.lora.export: merged) and deploy that")
     if task not in (CLASSIFICATION, CAUSAL_LM):
         raise UserError(f"'{redact_uri(marker)}' is not a valid ftdist export record (task {task!r}); "
                         f"re-export the model with `ftdist train`")

@@ -22,8 +22,10 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,9 @@ from ftdist.errors import UserError
 from ftdist.failures import error_line_from_ray, user_error_from_ray
 from ftdist.inference import CLASSIFICATION, ExportInfo, Predictor, locate_export
 from ftdist.redaction import redact_uri
+from ftdist.run_folder import RUN_MARKER, is_checkpoint
 
+log = logging.getLogger(__name__)
 PREDICT_MARKER = "ftdist_predict.json"  # written last: the output is complete
 MANIFEST = "manifest.json"  # a prepared split's (ftdist.data.manifest owns the format)
 FORMATS = ("auto", "jsonl", "csv", "parquet")
@@ -97,13 +101,36 @@ def inspect_input(opts: PredictOptions) -> Source:
         raise UserError(f"cannot tell the format of '{redact_uri(files[0])}' from its name; pass --format jsonl|csv|parquet")
     if opts.format == "auto" and len({_ext_format(f) for f in files}) > 1:
         raise UserError(f"input folder '{redact_uri(uri)}' mixes formats; keep one format per folder")
-    columns = _columns(files[0], fmt, cfg)
-    for flag, name in (("--text-field", opts.text_field), ("--id-field", opts.id_field)):
-        if name not in columns:
-            raise UserError(f"input '{redact_uri(files[0])}' has no column {name!r} (columns: {', '.join(columns)}); "
-                            f"set {flag}" + ("; every output row carries its input row's id" if flag == "--id-field" else ""))
+    _check_files(uri, files, fmt, opts)
     rows, exact = _count_rows(files, fmt, cfg)
     return Source(fmt, files, opts.id_field, opts.text_field, rows, exact)
+
+
+def _check_files(uri: str, files: list[str], fmt: str, opts: PredictOptions) -> None:
+    """Every file has the text and id columns, and the ids are of one kind across the files: Arrow
+    cannot put integer ids of one file and text ids of another into one column, and fails deep
+    inside Ray if asked to."""
+    first: tuple[str, str] | None = None  # (file, id kind)
+    for f in files:
+        head = _head(f, fmt, opts.storage)
+        for flag, name in (("--text-field", opts.text_field), ("--id-field", opts.id_field)):
+            if name not in head.columns:
+                raise UserError(f"input '{redact_uri(f)}' has no column {name!r} (columns: {', '.join(head.columns)}); "
+                                f"set {flag}" + ("; every output row carries its input row's id"
+                                                 if flag == "--id-field" else ""))
+        kind = head.kinds.get(opts.id_field)
+        if kind is None:
+            continue
+        if first is None:
+            first = (f, kind)
+        elif kind != first[1]:
+            raise UserError(f"input folder '{redact_uri(uri)}' mixes id types: '{_name(f)}' has {kind} ids but "
+                            f"'{_name(first[0])}' has {first[1]} ids; give column {opts.id_field!r} one type in "
+                            f"every file")
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _ext_format(uri: str) -> str | None:
@@ -118,35 +145,83 @@ def _prepared_split(uri: str, cfg: StorageSection) -> Source:
     return Source("parquet", files, "sample_id", None if m.tokenized else "text", m.num_rows, True)
 
 
-def _columns(uri: str, fmt: str, cfg: StorageSection) -> list[str]:
-    """The first file's column names, from its first line (JSONL, CSV) or its footer (Parquet)."""
-    import csv
+@dataclass(frozen=True)
+class FileHead:
+    """A file's column names and, where its first row or footer tells, each column's kind of value."""
 
+    columns: list[str]
+    kinds: dict[str, str]  # column -> "integer" | "number" | "text" | "boolean" | an Arrow type name
+
+
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Excel's "CSV UTF-8"); Arrow's readers skip it too
+
+
+def _head(uri: str, fmt: str, cfg: StorageSection) -> FileHead:
+    """The file's columns from its first non-blank line (JSONL, CSV) or its footer (Parquet).
+
+    Why each refusal: an empty file, a damaged Parquet footer or undecodable bytes would otherwise
+    surface as "no column 'text'" or as a traceback from inside Ray, naming neither file nor fix."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri, cfg)
+    where = redact_uri(uri)
 
-    def read() -> str | list[str]:
+    def read() -> bytes | pa.Schema:
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
-                return list(pq.ParquetFile(f).schema_arrow.names)
-            return f.readline(1 << 20).decode("utf-8")
+                return pq.ParquetFile(f).schema_arrow
+            return f.read(1 << 20)
 
     try:
         head = storage.retrying(read, uri, "reading", cfg)
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"input '{redact_uri(uri)}' could not be read as {fmt} ({type(e).__name__}); "
-                        f"check --format") from None
-    if isinstance(head, list):
-        return head
-    if fmt == "csv":
-        return next(csv.reader([head]), [])
+    except (pa.ArrowException, OSError) as e:
+        if fmt == "parquet":
+            raise UserError(f"input '{where}' is not a readable Parquet file ({str(e).splitlines()[0][:80]}); "
+                            f"replace the file or check --format") from None
+        raise UserError(f"input '{where}' could not be read as {fmt} ({type(e).__name__}); check --format") from None
+    if isinstance(head, pa.Schema):
+        return FileHead(list(head.names), {f.name: _arrow_kind(f.type) for f in head})
+    line = next((ln for ln in head.removeprefix(BOM).splitlines() if ln.strip()), b"")
+    if not line:
+        raise UserError(f"input '{where}' is empty; remove it from --input or give a file with rows")
     try:
-        record = json.loads(head) if head.strip() else {}
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"input '{where}' is not UTF-8 text; save it as UTF-8 or check --format") from None
+    if fmt == "csv":
+        import csv
+
+        columns = next(csv.reader([text]), [])
+        return FileHead(columns, dict.fromkeys(columns, "text"))  # CSV values are read as text (ids keep "007")
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError:
-        raise UserError(f"input '{redact_uri(uri)}' is not JSON Lines (its first line is not a JSON object); "
+        raise UserError(f"input '{where}' is not JSON Lines (its first line is not a JSON object); "
                         f"check --format") from None
-    return list(record) if isinstance(record, dict) else []
+    if not isinstance(record, dict):
+        return FileHead([], {})
+    return FileHead(list(record), {k: _json_kind(v) for k, v in record.items() if v is not None})
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "text"}.get(type(value), type(value).__name__)
+
+
+def _arrow_kind(t: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    return "boolean" if pa.types.is_boolean(t) else str(t)
 
 
 def _count_rows(files: list[str], fmt: str, cfg: StorageSection) -> tuple[int | None, bool]:
@@ -220,13 +295,101 @@ def _result_columns(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
 # The driver
 
 
-def check_output(opts: PredictOptions) -> None:
-    """Refuse to mix results into an existing output unless --overwrite (then it is removed first)."""
-    if storage.listdir(opts.output, opts.storage) or storage.exists(opts.output, opts.storage):
-        if not opts.overwrite:
-            raise UserError(f"output '{redact_uri(opts.output)}' already exists; pass --overwrite to replace it or "
-                            f"choose another --output")
-        storage.remove(opts.output, opts.storage)
+PREDICT_FILE = re.compile(r"^part-\d{5}\.parquet$")  # what ShardWriter names its shards
+
+
+def check_output(opts: PredictOptions, info: ExportInfo) -> None:
+    """Refuse an ``--output`` whose replacement would destroy something, before anything is touched.
+
+    Why: ``--overwrite`` replaces the output, so an output that is, holds or lies inside the input,
+    the model or any ftdist run or export would lose them; an output holding files ftdist predict
+    did not write is somebody else's folder. Without ``--overwrite`` an existing output is refused."""
+    out, cfg = opts.output.rstrip("/"), opts.storage
+    where = redact_uri(out)
+    if storage.is_remote(out) and "/" not in out.partition("://")[2].strip("/"):
+        raise UserError(f"--output '{where}' is a bucket root; nothing was removed: name a folder inside it, "
+                        f"e.g. {where}/predictions")
+    guarded = [("input", opts.input), ("model", opts.model), ("model", info.uri)]
+    for what, uri in guarded:
+        relation = _relation(out, uri)
+        if relation:
+            raise UserError(f"--output '{where}' {relation} the {what} '{redact_uri(uri.rstrip('/'))}'; nothing "
+                            f"was removed: choose an --output outside it")
+    for folder, what in _ftdist_folders_around(out, cfg):
+        relation = "is" if folder == out else "lies inside"
+        raise UserError(f"--output '{where}' {relation} the {what} '{redact_uri(folder)}'; nothing was removed: "
+                        f"choose an --output outside it")
+    if not storage.exists(out, cfg) and not storage.listdir(out, cfg):
+        return
+    if not opts.overwrite:
+        raise UserError(f"output '{where}' already exists; pass --overwrite to replace it or choose another --output")
+    fs, path = storage.filesystem(out, cfg)
+    if not storage.retrying(lambda: fs.isdir(path), out, "listing", cfg):
+        raise UserError(f"--output '{where}' is a file, not the folder of an earlier ftdist predict; nothing was "
+                        f"removed: choose another --output")
+    foreign = [n for n in storage.listdir(out, cfg) if n != PREDICT_MARKER and not PREDICT_FILE.match(n)]
+    if foreign:
+        raise UserError(f"--output '{where}' holds files ftdist predict did not write ({', '.join(map(repr, foreign[:3]))}"
+                        f"{', ...' if len(foreign) > 3 else ''}); nothing was removed: choose another --output")
+
+
+def _location(uri: str) -> str:
+    """A comparable form of ``uri``: a local path resolved (symlinks, ``..``), a remote one as written."""
+    uri = uri.rstrip("/")
+    if storage.is_remote(uri):
+        return uri
+    return os.path.realpath(storage.local_path(uri))
+
+
+def _relation(out: str, other: str) -> str | None:
+    """"is", "holds" or "lies inside": how ``out`` overlaps ``other``; None if they are apart."""
+    a, b = _location(out), _location(other)
+    if a == b:
+        return "is"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "holds"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "lies inside"
+    return None
+
+
+def _ftdist_folders_around(out: str, cfg: StorageSection) -> list[tuple[str, str]]:
+    """The ftdist run folders, exports and prepared splits that ``out`` is or lies inside, nearest first
+    (their markers: ``ftdist_run.json``, ``ftdist_export.json``, ``manifest.json``)."""
+    from ftdist.export import EXPORT_MARKER
+
+    found = []
+    markers = ((RUN_MARKER, "ftdist run folder"), (EXPORT_MARKER, "ftdist export"), (MANIFEST, "prepared split"))
+    folder = out
+    while True:
+        if is_checkpoint(_name(folder)):
+            found.append((folder, "checkpoint"))
+        for marker, what in markers:
+            if storage.exists(join_uri(folder, marker), cfg):
+                found.append((folder, what))
+        parent = _parent(folder)
+        if parent is None:
+            return found
+        folder = parent
+
+
+def _parent(uri: str) -> str | None:
+    """The folder holding ``uri``; None at a filesystem root or a bucket."""
+    if storage.is_remote(uri):
+        scheme, _, path = uri.partition("://")
+        head = path.strip("/").rpartition("/")[0]
+        return f"{scheme}://{head}" if head else None
+    path = os.path.abspath(storage.local_path(uri))
+    parent = os.path.dirname(path)
+    return parent if parent != path else None
+
+
+def staging_uri(output: str) -> str:
+    """A hidden sibling of ``output`` to write into: the previous output stays as it is until the new
+    one is complete (then ``storage.replace_dir`` swaps it in), and an input folder listing skips it."""
+    out = output.rstrip("/")
+    head, _, name = out.rpartition("/")
+    return f"{head}/.{name}.predict-{uuid.uuid4().hex[:8]}" if head else f".{name}.predict-{uuid.uuid4().hex[:8]}"
 
 
 def pool_size(opts: PredictOptions, resources: dict[str, float]) -> tuple[int, float]:
@@ -245,16 +408,31 @@ def run_predict(opts: PredictOptions, progress: Callable[[str], None] | None = N
     ``ftdist_predict.json``). Starts a local Ray cluster unless one is connected or addressed."""
     info = locate_export(opts.model, opts.storage)  # before Ray: an incomplete folder is refused at once
     source = inspect_input(opts)
-    check_output(opts)
+    check_output(opts, info)
     say = progress or _stderr
+    staged = staging_uri(opts.output)
     started_ray = _connect(opts.address)
     try:
-        return _execute(opts, info, source, say)
+        try:
+            record = _execute(opts, info, source, staged, say)
+        except BaseException:  # a failure or Ctrl-C: no partial output is left; a previous one is untouched
+            _discard(staged, opts.storage)
+            raise
+        storage.replace_dir(staged, opts.output.rstrip("/"), opts.storage, last=PREDICT_MARKER)
+        return record
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _discard(uri: str, cfg: StorageSection) -> None:
+    """Remove an unfinished staged output; a failure to do so is logged, never hides the first error."""
+    try:
+        storage.remove(uri, cfg)
+    except Exception as e:  # noqa: BLE001 - best effort: the original error is what the user needs
+        log.warning("could not remove the unfinished output '%s' (%s); delete it by hand", redact_uri(uri), e)
 
 
 def _stderr(line: str) -> None:
@@ -279,16 +457,24 @@ def _connect(address: str | None) -> bool:
 def _dataset(opts: PredictOptions, source: Source) -> Any:
     import ray
 
+    import pyarrow as pa
+    from pyarrow import csv
+
     fs, _ = storage.pyarrow_filesystem(source.files[0], opts.storage)
     paths = [storage.filesystem(f, opts.storage)[1] for f in source.files]
+    # CSV columns are read as text: Arrow's type inference would turn ids such as 007 into the integer 7,
+    # and the id is what ties an output row to its input row
+    as_text = csv.ConvertOptions(column_types={c: pa.string() for c in (source.id_column, source.text_column) if c})
     read = {"jsonl": lambda: ray.data.read_json(paths, filesystem=fs, num_cpus=0.25),
-            "csv": lambda: ray.data.read_csv(paths, filesystem=fs, num_cpus=0.25),
+            "csv": lambda: ray.data.read_csv(paths, filesystem=fs, num_cpus=0.25, convert_options=as_text),
             "parquet": lambda: ray.data.read_parquet(paths, filesystem=fs, num_cpus=0.25)}[source.format]
     columns = [source.id_column, source.text_column or "input_ids"]
     return read().select_columns(columns)
 
 
-def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callable[[str], None]) -> dict[str, Any]:
+def _execute(opts: PredictOptions, info: ExportInfo, source: Source, staged: str,
+             say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the pipeline, writing shards and the marker into ``staged`` (see ``staging_uri``)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -304,7 +490,7 @@ def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callab
     total = f"{'' if source.exact else '~'}{source.rows:,}" if source.rows else "?"
     say(f"predict: {redact_uri(opts.input)} ({source.format}, {total} rows) with {redact_uri(info.uri)} on up to "
         f"{workers} worker(s), batch {opts.batch_size}{f', {gpus:g} GPU each' if gpus else ''}")
-    writer = ShardWriter(opts.output, opts.storage, opts.rows_per_file)
+    writer = ShardWriter(staged, opts.storage, opts.rows_per_file)
     t0 = last = time.monotonic()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -322,7 +508,7 @@ def _execute(opts: PredictOptions, info: ExportInfo, source: Source, say: Callab
     record = {"rows": writer.rows, "files": writer.files, "seconds": round(elapsed, 3),
               "rows_per_s": round(writer.rows / elapsed, 2) if elapsed else None, "input": redact_uri(opts.input),
               "workers": workers, "batch_size": opts.batch_size, **info.metadata()}
-    storage.write_text(join_uri(opts.output, PREDICT_MARKER), json.dumps(record, indent=1), opts.storage)
+    storage.write_text(join_uri(staged, PREDICT_MARKER), json.dumps(record, indent=1), opts.storage)
     return record
 
 
@@ -334,9 +520,62 @@ def _input_error(e: Exception, opts: PredictOptions, source: Source) -> Exceptio
     for cls in ("ArrowInvalid", "JSONDecodeError", "UnicodeDecodeError", "ParserError"):
         line = error_line_from_ray(e, cls)
         if line is not None:
+            row = _bad_jsonl_row(source, opts) if source.format == "jsonl" else None
+            if row is not None:
+                return row
             return UserError(f"input '{redact_uri(opts.input)}' could not be parsed as {source.format}: "
                              f"{line[:160]}; check the file and --format")
     return e
+
+
+DIAGNOSE_LINES = 1_000_000  # lines the driver scans for the row Ray's JSON reader failed on
+
+
+def _bad_jsonl_row(source: Source, opts: PredictOptions) -> UserError | None:
+    """The first JSONL row Arrow cannot read, found on the driver after Ray's reader failed.
+
+    Why: Ray falls back to Python's parser on the whole block when Arrow's fails, and reports that
+    parser's error ("Extra data: line 2 column 1"), which names neither the row nor the problem.
+    Arrow refuses a row whose id type differs from earlier rows' and a string holding an unpaired
+    UTF-16 surrogate (Python's json accepts both). None if the first lines show nothing."""
+    kind: str | None = None
+    scanned = 0
+    for f in source.files:
+        where = redact_uri(f)
+        fs, path = storage.filesystem(f, opts.storage)
+        with fs.open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                scanned += 1
+                if scanned > DIAGNOSE_LINES:
+                    return None
+                try:
+                    record = json.loads(raw.removeprefix(BOM).decode("utf-8")) if raw.strip() else {}
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return UserError(f"input '{where}' line {n} is not JSON ({e}); fix or drop the line")
+                if not isinstance(record, dict):
+                    return UserError(f"input '{where}' line {n} is not a JSON object; fix or drop the line")
+                for name, value in record.items():
+                    if isinstance(value, str) and not _is_unicode(value):
+                        return UserError(f"input '{where}' line {n}: field {name!r} holds an unpaired surrogate "
+                                         f"(an escape such as \\udc80), which is not valid Unicode; fix the row")
+                value = record.get(opts.id_field)
+                if value is None:
+                    continue
+                row_kind = _json_kind(value)
+                if kind is None:
+                    kind = row_kind
+                elif row_kind != kind:
+                    return UserError(f"input '{where}' line {n}: id {value!r} is {row_kind} but earlier rows have "
+                                     f"{kind} ids; give column {opts.id_field!r} one type")
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def progress_line(done: int, total: int | None, exact: bool, elapsed: float) -> str:

@@ -31,6 +31,7 @@ import fsspec
 from ftdist.config import StorageSection
 from ftdist.redaction import redact_uri, resolve_env_refs
 from ftdist.errors import StorageUnavailable, UserError
+from ftdist.uri import join_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -351,6 +352,50 @@ def _exchange(a: str, b: str) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(staged: str, uri: str, cfg: StorageSection, last: str) -> None:
+    """Put the complete folder ``staged`` (written beside ``uri``) in the place of ``uri``.
+
+    Why: a rerun that fails must leave the previous folder as it was, so the new one is written
+    aside and only a complete one replaces it. Local: two renames (the old folder is renamed away,
+    the new one in, then the old one deleted). Object stores have no rename: the old completion
+    marker ``last`` is deleted first (readers then see the folder as incomplete), the staged
+    objects are copied over server-side, objects the new folder lacks are deleted, ``last`` is
+    copied after every other object, and the staged prefix is removed.
+    """
+    fs, path = filesystem(uri, cfg)
+    src = filesystem(staged, cfg)[1]
+    if not is_remote(uri):
+        old = None
+        if os.path.lexists(path):
+            old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+        os.replace(src, path)
+        if old and os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        elif old:
+            os.remove(old)
+        return
+
+    def names(prefix: str) -> list[str]:
+        fs.invalidate_cache(prefix)
+        try:
+            return sorted(str(f)[len(prefix) + 1:] for f in fs.find(prefix) if not str(f).endswith("/"))
+        except FileNotFoundError:
+            return []
+
+    new = retrying(lambda: names(src), staged, "listing", cfg)
+    old_names = retrying(lambda: names(path), uri, "listing", cfg)
+    if last in old_names:
+        retrying(lambda: fs.rm_file(f"{path}/{last}"), join_uri(uri, last), "removing", cfg)
+    for rel in [n for n in new if n != last]:
+        retrying(lambda: fs.copy(f"{src}/{rel}", f"{path}/{rel}"), join_uri(uri, rel), "writing", cfg)
+    for rel in sorted(set(old_names) - set(new)):
+        retrying(lambda: fs.rm_file(f"{path}/{rel}"), join_uri(uri, rel), "removing", cfg)
+    if last in new:
+        retrying(lambda: fs.copy(f"{src}/{last}", f"{path}/{last}"), join_uri(uri, last), "writing", cfg)
+    remove(staged, cfg)
 
 
 def remove(uri: str, cfg: StorageSection) -> None:

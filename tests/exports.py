@@ -14,22 +14,29 @@ from conftest import NAMES, base_config
 
 
 def export_tiny(base: str, out: Path, task: str = "sequence-classification", max_length: int = 16,
-                seed: int = 0) -> str:
-    """Export the tiny model at ``base`` (a save_pretrained folder) with a fresh, seeded task head."""
+                seed: int = 0, lora_adapter: bool = False) -> str:
+    """Export the tiny model at ``base`` (a save_pretrained folder) with a fresh, seeded task head;
+    ``lora_adapter``: wrapped in LoRA adapters and exported as ``model.lora.export: adapter`` does."""
     import torch
 
     from ftdist.config import ModelSection, load_config
     from ftdist.export import export_model
     from ftdist.modeling import load_model, load_tokenizer
 
+    lora = {"lora": {"export": "adapter"}} if lora_adapter else {}
     cfg = load_config(data=base_config(base, str(out.parent / "data"), str(out.parent / "runs"),
-                                       model={"task": task}, run={"name": "tiny"}))
+                                       model={"task": task, **lora}, run={"name": "tiny"}))
     tok = load_tokenizer(base)
     labels = NAMES if task == "sequence-classification" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_model(ModelSection(path=base, task=task), len(labels) if labels else None, labels,
                            tok.pad_token_id)
+    if lora_adapter:
+        from ftdist.lora import apply_lora
+
+        assert cfg.model.lora is not None
+        model = apply_lora(model, cfg.model.lora, task, base)
     export_model(types.SimpleNamespace(module=model), cfg, tok, str(out), rank=0,
                  extra={"best_epoch": 1, "test": {}, "label_names": labels, "max_length": max_length})
     return str(out)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import base_config, prepare_local, synthetic_rows, write_jsonl
+from exports import export_tiny
 from ftdist.cli import main
 
 
@@ -37,6 +38,15 @@ def world(tmp_path_factory, tiny_bert, tiny_gpt, cls_data, clm_data, s3_server):
     (root / "int-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
     (root / "fraction-labels.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n')
     gpt_ds = prepare_local(raw, root / "gpt-tok-ds", tiny_gpt, label_names=["negative", "neutral", "positive"])
+    deployed = root / "runs" / "deployed"  # a finished run to predict with: ftdist_run.json and model/
+    export_tiny(tiny_bert, deployed / "model")
+    (deployed / "ftdist_run.json").write_text(json.dumps({"fingerprint": "0ddba11", "config": {}}))
+    export_tiny(tiny_bert, root / "adapter-run" / "model", lora_adapter=True)
+    (root / "inputs").mkdir()
+    write_jsonl(root / "inputs" / "a.jsonl", synthetic_rows(5))
+    write_jsonl(root / "inputs" / "b.jsonl", [{**r, "id": f"s{r['id']}"} for r in synthetic_rows(5)])
+    (root / "garbage.parquet").write_bytes(bytes(range(256)) * 12)
+    (root / "empty.jsonl").write_bytes(b"")
     four = prepare_local(raw, root / "four-labels-ds", tiny_bert, label_names=["negative", "neutral", "positive", "mixed"])
     return {"root": root, "ds": str(ds), "bert": tiny_bert, "gpt": tiny_gpt, "clm": clm_data, "raw": str(raw),
             "gpt_ds": gpt_ds, "four": four, "s3": s3_server.endpoint, "bucket": f"s3://{bucket}"}
@@ -200,7 +210,48 @@ CASES = {
                                "did you mean 'train.epochs'"),
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
+    # --- predict: --overwrite never removes what it must not (checked before anything is touched)
+    "predict-overwrite-model-run": (lambda w: predict(w, str(w["root"] / "runs" / "deployed"), "--overwrite"),
+                                    "runs/deployed' is the model '"),
+    "predict-overwrite-export": (lambda w: predict(w, str(w["root"] / "runs" / "deployed" / "model"), "--overwrite"),
+                                 "runs/deployed/model' lies inside the model '"),
+    "predict-overwrite-input": (lambda w: predict(w, w["raw"], "--overwrite"), "raw.jsonl' is the input '"),
+    "predict-overwrite-input-parent": (lambda w: predict(w, str(w["root"] / "inputs"), "--overwrite",
+                                                         inp=str(w["root"] / "inputs" / "a.jsonl")),
+                                       "inputs' holds the input '"),
+    "predict-overwrite-inside-run": (lambda w: predict(w, str(w["root"] / "runs" / "existing" / "scored"), "--overwrite"),
+                                     "existing/scored' lies inside the ftdist run folder '"),
+    "predict-overwrite-runs-parent": (lambda w: predict(w, str(w["root"] / "runs"), "--overwrite"),
+                                      "runs' holds the model '"),
+    "predict-overwrite-other-files": (lambda w: predict(w, w["ds"], "--overwrite"),
+                                      "holds files ftdist predict did not write ('test'"),
+    "predict-output-bucket-root": (lambda w: predict(w, w["bucket"], "--overwrite", "--endpoint-url", w["s3"]),
+                                   "is a bucket root"),
+    # --- predict: inputs and flags
+    "predict-corrupt-parquet": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "garbage.parquet")),
+                                "is not a readable Parquet file"),
+    "predict-empty-file": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "empty.jsonl")), "is empty"),
+    "predict-mixed-id-types": (lambda w: predict(w, str(w["root"] / "p"), inp=str(w["root"] / "inputs")),
+                               "'b.jsonl' has text ids but 'a.jsonl' has integer ids"),
+    "predict-cpus-nan": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "nan"),
+                         "--cpus-per-worker: 'nan' is not a positive number"),
+    "predict-cpus-negative": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "-1"),
+                              "--cpus-per-worker: '-1' is not a positive number"),
+    "predict-cpus-inf": (lambda w: predict(w, str(w["root"] / "p"), "--cpus-per-worker", "inf"),
+                         "--cpus-per-worker: 'inf' is not a positive number"),
+    "predict-gpus-negative": (lambda w: predict(w, str(w["root"] / "p"), "--gpus-per-worker", "-1"),
+                              "--gpus-per-worker: '-1' is not a number >= 0"),
+    "predict-lora-adapter-export": (lambda w: predict(w, str(w["root"] / "p"), model=str(w["root"] / "adapter-run")),
+                                    "export it merged (model.lora.export: merged)"),
+    "serve-lora-adapter-export": (lambda w: ["serve", str(w["root"] / "adapter-run")],
+                                  "export it merged (model.lora.export: merged)"),
 }
+
+
+def predict(w, output: str, *extra: str, model: str | None = None, inp: str | None = None) -> list[str]:
+    """``ftdist predict`` with the deployed run's export on a small JSONL file unless told otherwise."""
+    return ["predict", model or str(w["root"] / "runs" / "deployed"), "--input", inp or w["raw"], "--output", output,
+            *extra]
 
 
 def pipe(w, task_model: str) -> list[str]:
@@ -231,7 +282,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 68  # the README's count: a case removed must be a decision, not an accident
+    assert len(CASES) == 86  # the README's count: a case added or removed is a decision, not an accident
 
 
 @pytest.mark.parametrize("labels, names, ids", [

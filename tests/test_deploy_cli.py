@@ -91,3 +91,40 @@ def test_request_parser_accepts_one_text_or_a_list():
     limits = Limits(max_texts=2, max_text_chars=5)
     assert parse_request(json.dumps({"text": "abc"}).encode(), limits) == (["abc"], True)
     assert parse_request(json.dumps({"texts": ["a", "é"]}).encode(), limits) == (["a", "é"], False)
+
+
+@pytest.mark.parametrize("command,says", [
+    ("predict", "the partial output was removed and any earlier --output is untouched: rerun the same command to "
+                "start over"),
+    ("data", "data prepare keeps no partial state: rerun the same command to start over"),
+    ("tune", "add --resume to continue the sweep"),
+    ("train", "rerun the same command to resume from the latest checkpoint"),
+])
+def test_ctrl_c_message_says_what_a_rerun_does(command, says):
+    """predict and data prepare keep no checkpoint (README, Deploying a model): their Ctrl-C line must not
+    promise a resume; tests/test_predict_overwrite.py interrupts a real predict and checks what it left."""
+    from ftdist.cli import interrupted_message
+
+    line = interrupted_message(command)
+    assert line.startswith("ftdist: interrupted; ") and says in line and "\n" not in line
+    assert ("checkpoint" in line) == (command in ("tune", "train"))
+
+
+@pytest.mark.parametrize("lines, reason", [
+    (['{"id": 1, "text": "a"}', '', '{"id": "x", "text": "b"}'], "line 3: id 'x' is text but earlier rows have integer ids"),
+    (['{"id": 1, "text": "a"}', '["id", 2]'], "line 2 is not a JSON object"),
+    (['{"id": 1, "text": "a"}', '{"id": 2, "text": "b"} trailing'], "line 2 is not JSON (Extra data"),
+])
+def test_the_jsonl_row_rays_reader_failed_on_is_found(lines, reason, tmp_path):
+    """What predict reports once Ray's JSON reader failed mid-stream (tests/test_predict_overwrite.py
+    runs one through Ray): the file and line of the first row Arrow cannot read, on the driver."""
+    from ftdist.config import StorageSection
+    from ftdist.predict import PredictOptions, Source, _bad_jsonl_row
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    opts = PredictOptions(model="m", input=str(f), output=str(tmp_path / "o"), storage=StorageSection())
+    err = _bad_jsonl_row(Source("jsonl", [str(f)], "id", "text", None, False), opts)
+    assert err is not None and str(err).startswith(f"input '{f}' {reason}"), err
+    f.write_text(lines[0] + "\n")
+    assert _bad_jsonl_row(Source("jsonl", [str(f)], "id", "text", None, False), opts) is None
