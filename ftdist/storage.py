@@ -296,7 +296,7 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
-        replace_dir(tmp, path)
+        swap_in_local_dir(tmp, path)
         return
     root = path.rstrip("/")
 
@@ -321,8 +321,8 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
         retrying(lambda: fs.rm([f"{root}/{rel}" for rel in stale]), uri, "removing the previous version's files", cfg)
 
 
-def replace_dir(new: str, path: str) -> None:
-    """Put the folder ``new`` at ``path`` atomically, removing what was there.
+def swap_in_local_dir(new: str, path: str) -> None:
+    """Put the local folder ``new`` at ``path`` atomically, removing what was there.
 
     Linux: ``renameat2(RENAME_EXCHANGE)`` swaps the two in one step; elsewhere (or on filesystems
     without it) two renames, which leave a moment with no folder at ``path``."""
@@ -358,8 +358,8 @@ def replace_dir(staged: str, uri: str, cfg: StorageSection, last: str) -> None:
     """Put the complete folder ``staged`` (written beside ``uri``) in the place of ``uri``.
 
     Why: a rerun that fails must leave the previous folder as it was, so the new one is written
-    aside and only a complete one replaces it. Local: two renames (the old folder is renamed away,
-    the new one in, then the old one deleted). Object stores have no rename: the old completion
+    aside and only a complete one replaces it. Local: one atomic exchange (:func:`swap_in_local_dir`;
+    a file or link at ``uri``: renamed away first). Object stores have no rename: the old completion
     marker ``last`` is deleted first (readers then see the folder as incomplete), the staged
     objects are copied over server-side, objects the new folder lacks are deleted, ``last`` is
     copied after every other object, and the staged prefix is removed.
@@ -367,6 +367,9 @@ def replace_dir(staged: str, uri: str, cfg: StorageSection, last: str) -> None:
     fs, path = filesystem(uri, cfg)
     src = filesystem(staged, cfg)[1]
     if not is_remote(uri):
+        if not os.path.lexists(path) or os.path.isdir(path) and not os.path.islink(path):
+            swap_in_local_dir(src, path)
+            return
         old = None
         if os.path.lexists(path):
             old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
