@@ -44,7 +44,7 @@ from ftdist.freezing import apply_freeze
 from ftdist.host_memory import return_freed_memory_to_os, saves_host_memory
 from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
-from ftdist.diagnoses import check_loss_finite
+from ftdist.diagnoses import check_loss_finite, check_losses_finite, non_finite_code
 from ftdist.evaluation import all_reduce_sum, evaluate_batches
 from ftdist.metrics import (class_weights, mfu, peak_tflops,
                             per_class_metrics)
@@ -356,6 +356,16 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return all_reduce_sum(values, device)
 
 
+def stop_if_any_rank_diverged(s: Setup, loss: float, step: int) -> None:
+    """Raise LossDiverged on every rank together when any rank's loss so far is NaN/inf (one all-reduce
+    of a code per rank, at each log line and before each mid-epoch checkpoint). A rank raising alone would leave
+    the others blocked in their next collective, and one that carried on could checkpoint diverged
+    weights (its own loss is still finite at the step where another rank's turned NaN)."""
+    codes = [0.0] * s.session.world_size
+    codes[s.session.rank] = non_finite_code(loss)
+    check_losses_finite(_all_reduce(codes, s.device), step)
+
+
 def _log(s: Setup, msg: str, clear: str = "") -> None:
     if s.session.rank == 0:
         # Not print(): Ray Train patches print() into its logger, which echoes each line twice.
@@ -468,7 +478,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
             if state.batch % log_every == 0:
                 lr = engine.get_lr()[0]
                 mean_loss, elapsed = loss_acc.item() / n_loss, time.perf_counter() - t0  # the log line's one sync
-                check_loss_finite(mean_loss, state.global_step)
+                stop_if_any_rank_diverged(s, mean_loss, state.global_step)
                 rate = session.world_size / elapsed  # rank 0's share times the ranks: an estimate between epochs
                 _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean_loss:.4f} "
                         f"lr {lr:.2e} {samples * rate:.1f} samples/s | {progress.text(epoch, state.batch)}",
@@ -479,9 +489,10 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
                 worst = -1e30 if mode == "max" else 1e30
+                mean_loss = loss_acc.item() / max(n_loss, 1)
+                stop_if_any_rank_diverged(s, mean_loss, state.global_step)  # never a checkpoint of diverged weights
                 _save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
-                                            "train_loss": loss_acc.item() / max(n_loss, 1), f"val_{metric}": worst,
-                                            "mid_epoch": True})
+                                            "train_loss": mean_loss, f"val_{metric}": worst, "mid_epoch": True})
         loss_sum = loss_acc.item()  # waits for the device, so train_time covers every step
         train_time = time.perf_counter() - t0
         g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_sum, n_loss], s.device)
