@@ -200,7 +200,26 @@ CASES = {
                                "did you mean 'train.epochs'"),
     "pipeline-print-unknown-stage": (lambda w: pipe(w, "${stage:dapt}") + ["--print-config", "dapp"],
                                      "no stage 'dapp'; did you mean 'dapt'?"),
+    # --- rows longer than the model's positions (the tiny BERT has max_position_embeddings 128)
+    "max-length-above-model-positions": (
+        lambda w: train(w, data={"path": str(w["root"] / "prep-512"), "max_length": 512, "prepare": {"input": w["raw"]}}),
+        "data.max_length 512 is more than model"),
+    "prepare-max-length-above-model-positions": (lambda w: prep(w, "--max-length", "512"),
+                                                 "--max-length 512 is more than model"),
+    "data-set-longer-than-model-positions": (lambda w: train(w, data={"path": _long_copy(w)}),
+                                             "holds rows of up to 512 tokens"),
 }
+
+
+def _long_copy(w) -> str:
+    """A copy of the healthy data set as a preparation with max_length 512 records it."""
+    dst = w["root"] / "ds-long"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(w["ds"], dst)
+    for split in ("train", "validation", "test"):
+        path = dst / split / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "max_length": 512}))
+    return str(dst)
 
 
 def pipe(w, task_model: str) -> list[str]:
