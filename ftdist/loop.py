@@ -45,6 +45,7 @@ from ftdist.host_memory import return_freed_memory_to_os, saves_host_memory
 from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
 from ftdist.diagnoses import check_loss_finite, check_losses_finite, non_finite_code
+from ftdist.errors import UserError
 from ftdist.evaluation import all_reduce_sum, evaluate_batches
 from ftdist.metrics import (class_weights, mfu, peak_tflops,
                             per_class_metrics)
@@ -267,8 +268,11 @@ def resume_on_another_size(s: Setup, state: ckpt.TrainState) -> str:
     steps left (``engine.rescheduled``). Returns a line for the log."""
     cfg, old, new = s.cfg, state.world_size or 1, s.session.world_size
     gas = cfg.train.gradient_accumulation_steps
-    # preflight refuses resizing a run with data.replay (its sources' positions are not re-planned)
-    assert isinstance(s.train_reader, ShardReader), "data.replay runs resume on their own number of workers"
+    # config (elastic min_workers) and preflight (a rerun on another size) refuse resizing a data.replay run:
+    # its sources' positions are not re-planned. Not an assert: under python -O it would re-plan wrongly.
+    if not isinstance(s.train_reader, ShardReader):
+        raise UserError(f"data.replay: this run started on {old} worker(s) and resumes only on that many; "
+                        f"set scaling.num_workers={old}")
     if state.schedule_total is None:  # a checkpoint from before resizing existed: the old size's plan
         old_steps = capped_batches(cfg, num_batches(s.train_reader.shard_rows, old, cfg.train.batch_size))
         state.schedule_total = cfg.train.epochs * optimizer_steps_per_epoch(old_steps, gas)
