@@ -75,7 +75,7 @@ def checkpoint_name(state: TrainState) -> str:
 def save(engine: Any, state: TrainState, rank: int, directory: str, record_samples: bool) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (all ranks must call: collective)."""
     os.makedirs(directory, exist_ok=True)
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG)
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG, client_state=_client_state(engine))
     rng = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -105,7 +105,9 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
     else:
         # Module only needs no conversion at any size: ZeRO-3 consolidates the weights from the shards
         # (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint), ZeRO-1/2 keep them whole.
-        engine.load_checkpoint(ds_dir, **kw)
+        _, client = engine.load_checkpoint(ds_dir, **kw)
+        if not module_only:
+            _restore_client_state(engine, client or {})
     if module_only:
         return state
     rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
@@ -123,6 +125,23 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
                 for epoch, ids in json.load(f).items():
                     state.samples.setdefault(epoch, []).extend(ids)
     return state
+
+
+GRAD_SCALER = "ftdist_grad_scaler"
+
+
+def _client_state(engine: Any) -> dict[str, Any]:
+    """What DeepSpeed's checkpoint leaves out: the fp16 grad scaler of its ZeRO-0 torch_autocast mode
+    (the only fp16 ftdist runs there). Without it a resumed run restarts at scale 65536 and skips steps
+    finding its scale again."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return {GRAD_SCALER: scaler.state_dict()} if scaler is not None else {}
+
+
+def _restore_client_state(engine: Any, client: dict[str, Any]) -> None:
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and client.get(GRAD_SCALER):
+        scaler.load_state_dict(client[GRAD_SCALER])
 
 
 def saved_world_size(directory: str) -> int:
