@@ -61,6 +61,9 @@ class TrainState:
     resizes: list[list[int]] = field(default_factory=list)  # [world, batch] per earlier segment of this epoch
     schedule_total: int | None = None  # optimizer steps the LR schedule was planned for (engine.lr_lambda)
     schedule_remap: list[float] = field(default_factory=list)  # after a resize: engine.rescheduled
+    # [loss sum, losses, samples, tokens, train seconds] of `epoch`'s first `batch` batches, all ranks: a
+    # resumed epoch's train loss and throughput then cover the batches trained before the resume too
+    epoch_totals: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -453,6 +453,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
         progress.start()
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
+        carried = state.epoch_totals if state.batch and state.epoch_totals else [0.0] * 5  # before a resume
         resizes = _resizes(state)  # an epoch begun on another number of workers (resume_on_another_size)
         reader = s.train_reader
         if resizes and isinstance(reader, ShardReader):  # (never a replay mix: preflight refuses that resize)
@@ -495,11 +496,17 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
                 worst = -1e30 if mode == "max" else 1e30
                 mean_loss = loss_acc.item() / max(n_loss, 1)
                 stop_if_any_rank_diverged(s, mean_loss, state.global_step)  # never a checkpoint of diverged weights
+                so_far = _all_reduce([loss_acc.item(), n_loss, samples, tokens], s.device)
+                state.epoch_totals = [c + v for c, v in zip(carried, so_far + [time.perf_counter() - t0], strict=True)]
                 _save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
-                                            "train_loss": mean_loss, f"val_{metric}": worst, "mid_epoch": True})
+                                            "train_loss": state.epoch_totals[0] / max(state.epoch_totals[1], 1),
+                                            f"val_{metric}": worst, "mid_epoch": True})
         loss_sum = loss_acc.item()  # waits for the device, so train_time covers every step
         train_time = time.perf_counter() - t0
         g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_sum, n_loss], s.device)
+        g_loss, g_n, g_samples, g_tokens = (g_loss + carried[0], g_n + carried[1], g_samples + carried[2],
+                                            g_tokens + carried[3])
+        train_time += carried[4]
         check_loss_finite(g_loss / max(g_n, 1), engine.global_steps)
         throughput = {"samples_per_s": g_samples / train_time, "tokens_per_s": g_tokens / train_time,
                       "mfu": mfu(s.n_params, g_tokens / train_time, session.world_size, peak)}
@@ -507,7 +514,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         val, _, val_confusion = evaluate(s, "validation")
         progress.eval_done(time.perf_counter() - t_val)
         value = val[metric]
-        state.epoch, state.batch, state.resizes = epoch + 1, 0, []
+        state.epoch, state.batch, state.resizes, state.epoch_totals = epoch + 1, 0, [], []
         patience = cfg.train.early_stopping_patience
         improved = selection.end_of_epoch(state, value, mode, cfg.train.early_stopping_min_delta, patience,
                                           cfg.train.epochs)
