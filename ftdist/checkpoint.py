@@ -61,6 +61,9 @@ class TrainState:
     resizes: list[list[int]] = field(default_factory=list)  # [world, batch] per earlier segment of this epoch
     schedule_total: int | None = None  # optimizer steps the LR schedule was planned for (engine.lr_lambda)
     schedule_remap: list[float] = field(default_factory=list)  # after a resize: engine.rescheduled
+    # [loss sum, losses, samples, tokens, train seconds] of `epoch`'s first `batch` batches, all ranks: a
+    # resumed epoch's train loss and throughput then cover the batches trained before the resume too
+    epoch_totals: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -78,7 +81,8 @@ def save(engine: Any, state: TrainState, rank: int, directory: str, record_sampl
     # Frozen weights (LoRA's base model, train.freeze) never change: they come back from model.path when
     # the model is built, so a checkpoint holds the trainable weights and their optimizer state only
     # (a LoRA checkpoint of a 7B model: megabytes, not ~14 GB).
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG, exclude_frozen_parameters=has_frozen(engine))
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag=DS_TAG, client_state=_client_state(engine),
+                           exclude_frozen_parameters=has_frozen(engine))
     rng = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -108,7 +112,9 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
     else:
         # Module only needs no conversion at any size: ZeRO-3 consolidates the weights from the shards
         # (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint), ZeRO-1/2 keep them whole.
-        engine.load_checkpoint(ds_dir, **kw)
+        _, client = engine.load_checkpoint(ds_dir, **kw)
+        if not module_only:
+            _restore_client_state(engine, client or {})
     if module_only:
         return state
     rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
@@ -131,6 +137,23 @@ def load(engine: Any, rank: int, directory: str, module_only: bool = False, worl
 def has_frozen(engine: Any) -> bool:
     """Whether the model has frozen parameters (left out of its checkpoints, see :func:`save`)."""
     return any(not p.requires_grad for p in engine.module.parameters())
+
+
+GRAD_SCALER = "ftdist_grad_scaler"
+
+
+def _client_state(engine: Any) -> dict[str, Any]:
+    """What DeepSpeed's checkpoint leaves out: the fp16 grad scaler of its ZeRO-0 torch_autocast mode
+    (the only fp16 ftdist runs there). Without it a resumed run restarts at scale 65536 and skips steps
+    finding its scale again."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return {GRAD_SCALER: scaler.state_dict()} if scaler is not None else {}
+
+
+def _restore_client_state(engine: Any, client: dict[str, Any]) -> None:
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and client.get(GRAD_SCALER):
+        scaler.load_state_dict(client[GRAD_SCALER])
 
 
 def saved_world_size(directory: str) -> int:

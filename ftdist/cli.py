@@ -262,6 +262,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         err = e.errors()[0]
         flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
         raise UserError(f"{flag} {err.get('input')!r}: {err['msg']}") from None
+    if not args.raw_text:  # rows of token ids: no longer than the model can read
+        from ftdist.preflight import check_max_length
+
+        check_max_length(args.max_length, f"--max-length {args.max_length}", "use --max-length {limit} or less",
+                         args.model, cfg)
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     manifests = prepare(spec, args.output, args.model, args.max_length, args.task, cfg, seed=args.seed,
                         label_names=names, overwrite=args.overwrite)

@@ -369,9 +369,17 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _elastic_single_task(self) -> "RunConfig":
-        if self.tasks and self.scaling.min_workers is not None and self.scaling.min_workers < self.scaling.num_workers:
+        # Ray Train restarts an elastic group at another size from the latest checkpoint, and only the plain
+        # reader's positions are re-planned for it (loop.resume_on_another_size): refused here, in one line,
+        # rather than by an assertion in the workers after a resize.
+        elastic = self.scaling.min_workers is not None and self.scaling.min_workers < self.scaling.num_workers
+        if elastic and self.tasks:
             raise ValueError("scaling.min_workers: a multi-task run resumes only on the number of workers it started "
                              "with (its per-task stream positions are not re-planned); remove min_workers")
+        if elastic and self.data.replay is not None:
+            raise ValueError("scaling.min_workers with data.replay: a replay run resumes only on the number of "
+                             "workers it started with (the replayed batches' positions are not re-planned); remove "
+                             "scaling.min_workers or data.replay")
         return self
 
     @model_validator(mode="after")

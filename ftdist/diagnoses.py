@@ -169,7 +169,31 @@ def check_loss_finite(loss: float, step: int) -> None:
     """Stop the run at once on a NaN or infinite loss (called where the loop already reads the loss)."""
     if math.isfinite(loss):
         return
-    raise LossDiverged(
-        f"the training loss became {loss} by optimizer step {step}: stopped at once, no checkpoint of the diverged "
-        f"weights was taken and completed checkpoints are kept; try a lower train.learning_rate, "
-        f"train.max_grad_norm: 1.0, or train.precision: bf16/fp32 instead of fp16")
+    raise LossDiverged(_diverged(str(loss), step))
+
+
+NON_FINITE = {1: "nan", 2: "inf", 3: "-inf"}
+
+
+def non_finite_code(loss: float) -> float:
+    """0 for a finite loss, else a NON_FINITE code: one float per rank that a sum all-reduce gathers."""
+    if math.isfinite(loss):
+        return 0.0
+    return 1.0 if math.isnan(loss) else 2.0 if loss > 0 else 3.0
+
+
+def check_losses_finite(codes: list[float], step: int) -> None:
+    """Stop every rank with the same line when any rank's loss was non-finite (``codes``: one
+    ``non_finite_code`` per rank, all-reduced), naming the rank(s): a rank whose own loss is still
+    finite must stop too rather than wait in the next collective for ranks that already stopped."""
+    bad = [(rank, round(c)) for rank, c in enumerate(codes) if c]
+    if not bad:
+        return
+    where = "" if len(codes) == 1 else " on rank " + ", ".join(str(r) for r, _ in bad)
+    raise LossDiverged(_diverged(NON_FINITE.get(bad[0][1], "non-finite") + where, step))
+
+
+def _diverged(became: str, step: int) -> str:
+    return (f"the training loss became {became} by optimizer step {step}: stopped at once, no checkpoint of the "
+            f"diverged weights was taken and completed checkpoints are kept; try a lower train.learning_rate, "
+            f"train.max_grad_norm: 1.0, or train.precision: bf16/fp32 instead of fp16")

@@ -44,7 +44,8 @@ from ftdist.freezing import apply_freeze
 from ftdist.host_memory import return_freed_memory_to_os, saves_host_memory
 from ftdist.l2sp import L2SP
 from ftdist.lora import parameter_counts
-from ftdist.diagnoses import check_loss_finite
+from ftdist.diagnoses import check_loss_finite, check_losses_finite, non_finite_code
+from ftdist.errors import UserError
 from ftdist.evaluation import all_reduce_sum, evaluate_batches
 from ftdist.metrics import (class_weights, mfu, peak_tflops,
                             per_class_metrics)
@@ -267,8 +268,11 @@ def resume_on_another_size(s: Setup, state: ckpt.TrainState) -> str:
     steps left (``engine.rescheduled``). Returns a line for the log."""
     cfg, old, new = s.cfg, state.world_size or 1, s.session.world_size
     gas = cfg.train.gradient_accumulation_steps
-    # preflight refuses resizing a run with data.replay (its sources' positions are not re-planned)
-    assert isinstance(s.train_reader, ShardReader), "data.replay runs resume on their own number of workers"
+    # config (elastic min_workers) and preflight (a rerun on another size) refuse resizing a data.replay run:
+    # its sources' positions are not re-planned. Not an assert: under python -O it would re-plan wrongly.
+    if not isinstance(s.train_reader, ShardReader):
+        raise UserError(f"data.replay: this run started on {old} worker(s) and resumes only on that many; "
+                        f"set scaling.num_workers={old}")
     if state.schedule_total is None:  # a checkpoint from before resizing existed: the old size's plan
         old_steps = capped_batches(cfg, num_batches(s.train_reader.shard_rows, old, cfg.train.batch_size))
         state.schedule_total = cfg.train.epochs * optimizer_steps_per_epoch(old_steps, gas)
@@ -356,6 +360,16 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return all_reduce_sum(values, device)
 
 
+def stop_if_any_rank_diverged(s: Setup, loss: float, step: int) -> None:
+    """Raise LossDiverged on every rank together when any rank's loss so far is NaN/inf (one all-reduce
+    of a code per rank, at each log line and before each mid-epoch checkpoint). A rank raising alone would leave
+    the others blocked in their next collective, and one that carried on could checkpoint diverged
+    weights (its own loss is still finite at the step where another rank's turned NaN)."""
+    codes = [0.0] * s.session.world_size
+    codes[s.session.rank] = non_finite_code(loss)
+    check_losses_finite(_all_reduce(codes, s.device), step)
+
+
 def _log(s: Setup, msg: str, clear: str = "") -> None:
     if s.session.rank == 0:
         # Not print(): Ray Train patches print() into its logger, which echoes each line twice.
@@ -439,6 +453,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         t0, samples, tokens, n_loss = time.perf_counter(), 0.0, 0.0, 0
         progress.start()
         loss_acc = torch.zeros((), dtype=torch.float64, device=s.device)  # summed on the device: no sync per step
+        carried = state.epoch_totals if state.batch and state.epoch_totals else [0.0] * 5  # before a resume
         resizes = _resizes(state)  # an epoch begun on another number of workers (resume_on_another_size)
         reader = s.train_reader
         if resizes and isinstance(reader, ShardReader):  # (never a replay mix: preflight refuses that resize)
@@ -468,7 +483,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
             if state.batch % log_every == 0:
                 lr = engine.get_lr()[0]
                 mean_loss, elapsed = loss_acc.item() / n_loss, time.perf_counter() - t0  # the log line's one sync
-                check_loss_finite(mean_loss, state.global_step)
+                stop_if_any_rank_diverged(s, mean_loss, state.global_step)
                 rate = session.world_size / elapsed  # rank 0's share times the ranks: an estimate between epochs
                 _log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean_loss:.4f} "
                         f"lr {lr:.2e} {samples * rate:.1f} samples/s | {progress.text(epoch, state.batch)}",
@@ -479,12 +494,19 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
                 # Mid-epoch checkpoints carry the worst possible score so that retention by validation
                 # metric never evicts an epoch checkpoint for them (Ray always keeps the latest anyway).
                 worst = -1e30 if mode == "max" else 1e30
+                mean_loss = loss_acc.item() / max(n_loss, 1)
+                stop_if_any_rank_diverged(s, mean_loss, state.global_step)  # never a checkpoint of diverged weights
+                so_far = _all_reduce([loss_acc.item(), n_loss, samples, tokens], s.device)
+                state.epoch_totals = [c + v for c, v in zip(carried, so_far + [time.perf_counter() - t0], strict=True)]
                 _save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
-                                            "train_loss": loss_acc.item() / max(n_loss, 1), f"val_{metric}": worst,
-                                            "mid_epoch": True})
+                                            "train_loss": state.epoch_totals[0] / max(state.epoch_totals[1], 1),
+                                            f"val_{metric}": worst, "mid_epoch": True})
         loss_sum = loss_acc.item()  # waits for the device, so train_time covers every step
         train_time = time.perf_counter() - t0
         g_samples, g_tokens, g_loss, g_n = _all_reduce([samples, tokens, loss_sum, n_loss], s.device)
+        g_loss, g_n, g_samples, g_tokens = (g_loss + carried[0], g_n + carried[1], g_samples + carried[2],
+                                            g_tokens + carried[3])
+        train_time += carried[4]
         check_loss_finite(g_loss / max(g_n, 1), engine.global_steps)
         throughput = {"samples_per_s": g_samples / train_time, "tokens_per_s": g_tokens / train_time,
                       "mfu": mfu(s.n_params, g_tokens / train_time, session.world_size, peak)}
@@ -492,7 +514,7 @@ def _train(s: Setup, tracker: Tracker) -> dict[str, Any] | None:
         val, _, val_confusion = evaluate(s, "validation")
         progress.eval_done(time.perf_counter() - t_val)
         value = val[metric]
-        state.epoch, state.batch, state.resizes = epoch + 1, 0, []
+        state.epoch, state.batch, state.resizes, state.epoch_totals = epoch + 1, 0, [], []
         patience = cfg.train.early_stopping_patience
         improved = selection.end_of_epoch(state, value, mode, cfg.train.early_stopping_min_delta, patience,
                                           cfg.train.epochs)

@@ -447,10 +447,9 @@ def _connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    from ftdist.ray_cluster import init_ray  # the one ray.init: local mode never joins a recorded cluster
+
+    init_ray(address, {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}, logging_level=logging.WARNING)
     return True
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftdist import run_folder as layout
 from ftdist import storage
-from ftdist.config import RunConfig, config_record, dump_config
+from ftdist.config import RunConfig, StorageSection, config_record, dump_config
 from ftdist.uri import join_uri
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
@@ -47,6 +47,8 @@ def prepare_data_if_needed(cfg: RunConfig, data_task: str | None = None) -> None
         return
     from ftdist.data.prepare import prepare
 
+    _check_run_max_length(cfg, cfg.data.max_length, f"data.max_length {cfg.data.max_length}",
+                          "set data.max_length to {limit} or less")
     print(f"[ftdist] preparing data set {cfg.data.path} from {cfg.data.prepare.input}", flush=True)
     t0 = time.time()
     ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
@@ -80,6 +82,15 @@ def preflight(cfg: RunConfig, data_task: str | None = None) -> dict[str, Any]:
         if m.num_rows < cfg.scaling.num_workers:
             raise UserError(f"split '{uri}' has {m.num_rows} rows, fewer than scaling.num_workers="
                             f"{cfg.scaling.num_workers}; use fewer workers or more data")
+    train = manifests["train"]
+    if train.max_length:  # token ids: rows are as long as the preparation allowed
+        _check_run_max_length(cfg, train.max_length, f"data set '{cfg.data.path}' holds rows of up to "
+                              f"{train.max_length} tokens (prepared with --max-length/data.max_length "
+                              f"{train.max_length}), which", "prepare it again with --max-length/data.max_length "
+                              "{limit} or less")
+    else:  # raw text: tokenized with data.max_length at read time
+        _check_run_max_length(cfg, cfg.data.max_length, f"data.max_length {cfg.data.max_length}",
+                              "set data.max_length to {limit} or less")
     if cfg.data.replay is not None:
         from ftdist.data.replay import replay_manifests
 
@@ -90,12 +101,59 @@ def preflight(cfg: RunConfig, data_task: str | None = None) -> dict[str, Any]:
     if task == "sequence-classification":  # a weight list that does not fit the data set: one line now
         class_weights(cfg.train.class_weights, manifests["train"].label_counts,
                       cfg.model.num_labels or manifests["train"].num_labels or 0)
-    train = manifests["train"]
     return {"label_counts": {s: m.label_counts for s, m in manifests.items()},
             "label_stats": {s: m.label_stats for s, m in manifests.items()},
             "token_lengths": {**train.token_lengths.model_dump(), "rows": train.num_rows, "max_length": train.max_length}
             if train.token_lengths else None,
             "rows": {s: m.num_rows for s, m in manifests.items()}}
+
+
+# Models whose position ids start after the padding index (padding_idx + 1, i.e. 2 with pad id 1):
+# RoBERTa's max_position_embeddings 514 hold 512 tokens.
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                            "roberta-prelayernorm", "longformer", "mpnet", "ibert", "markuplm"}
+
+
+def position_limit(model_config: Any) -> tuple[int, str] | None:
+    """Tokens per row the model can embed, and why (for the error line); None when its config sets no
+    absolute limit (T5's relative positions). A longer row fails inside the first forward pass on
+    every worker, and a rerun fails the same way: hence a check before Ray starts."""
+    n = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(n, int) or not 0 < n < 10**7:
+        return None
+    why = f"max_position_embeddings {n}"
+    if getattr(model_config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        offset = int(getattr(model_config, "pad_token_id", None) or 0) + 1
+        return n - offset, f"{why}, less {offset}: its position ids start after the padding index"
+    return n, why
+
+
+def check_max_length(max_length: int, what: str, fix: str, model_path: str | None,
+                     storage_cfg: StorageSection | None = None, trust_remote_code: bool = False,
+                     revision: str | None = None) -> None:
+    """Refuse rows longer than the model's positions in one line: ``what`` names the setting,
+    ``fix`` says what to do (``{limit}`` is filled in). A model whose config cannot be read here
+    (a tokenizer-only folder, an unreachable hub) is left to the later checks."""
+    from transformers import AutoConfig
+
+    from ftdist.modeling import resolve_model_path
+
+    if model_path is None:
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_path, storage_cfg),
+                                            trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError):
+        return
+    limit = position_limit(config)
+    if limit is not None and max_length > limit[0]:
+        raise UserError(f"{what} is more than model '{model_path}' can read: {limit[0]} tokens ({limit[1]}); "
+                        + fix.format(limit=limit[0]))
+
+
+def _check_run_max_length(cfg: RunConfig, max_length: int, what: str, fix: str) -> None:
+    check_max_length(max_length, what, fix, cfg.model.path, cfg.storage, cfg.model.trust_remote_code,
+                     cfg.model.revision)
 
 
 def check_run_folder(cfg: RunConfig) -> str:

@@ -24,11 +24,10 @@ def connect_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     # No runtime_env here: inside a Ray job it would replace the job's own (env vars such as the S3
     # endpoint); in local mode workers inherit this process's environment anyway.
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if cfg.scaling.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(cfg.scaling.address, log_to_driver=True)
         return
     need = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # Ray warns that the local cluster it starts uses token authentication: ftdist's private cluster
@@ -47,9 +46,30 @@ def connect_ray(cfg: RunConfig) -> None:
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = {"dashboard_port": port}
-    ray.init(num_cpus=cfg.scaling.local_num_cpus or max(need, 1), dashboard_host="127.0.0.1",
-             include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
-             **dashboard)
+    init_ray(None, {"num_cpus": cfg.scaling.local_num_cpus or max(need, 1), "dashboard_host": "127.0.0.1",
+                    "include_dashboard": True, "configure_logging": True, **dashboard},
+             log_to_driver=True, logging_level=logging.WARNING)
+
+
+def ray_init_kwargs(address: str | None, local: dict[str, Any], **common: Any) -> dict[str, Any]:
+    """``ray.init``'s arguments: join ``address`` (else RAY_ADDRESS) when one is given, otherwise start
+    this process's own cluster with the ``local`` arguments (num_cpus, ...); ``common`` go to both.
+
+    Why ``address="local"``: a bare ``ray.init()`` joins the cluster the last ``ray start`` on the
+    machine recorded (``ray/ray_current_cluster`` under RAY_TMPDIR), live or dead, and then refuses
+    num_cpus; ftdist's local mode must not depend on what else ran on the machine. ``address: auto``
+    still joins the recorded cluster on purpose."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return {"address": address, **common}
+    return {"address": "local", **local, **common}
+
+
+def init_ray(address: str | None, local: dict[str, Any] | None = None, **common: Any) -> None:
+    """The one place ftdist calls ``ray.init`` (train, tune, predict, serve): see ``ray_init_kwargs``."""
+    import ray
+
+    ray.init(**ray_init_kwargs(address, local or {}, **common))
 
 
 def _free_port() -> int:

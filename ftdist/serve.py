@@ -249,10 +249,10 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
         check_port_free(opts.host, opts.port)  # refuse before starting Ray
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+        from ftdist.ray_cluster import init_ray  # the one ray.init: local mode never joins a recorded cluster
+
+        init_ray(address, {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+                 logging_level=logging.WARNING)
         started = True
     try:
         if on_connected:

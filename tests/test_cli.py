@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import base_config, run_cli
+from conftest import base_config, free_port, run_cli
 
 
 def kill_processes_mentioning(text: str) -> None:
@@ -113,7 +113,11 @@ def test_killed_driver_resumes_from_latest_checkpoint(tmp_path, tiny_bert, cls_d
     path = _write(tmp_path, cfg)
     run = tmp_path / "runs" / "t"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # AF_UNIX socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # The file `ray start` leaves behind, pointing at a cluster that is gone: local mode (no address,
+    # no RAY_ADDRESS) must still start ftdist's own cluster rather than try to join that one.
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    Path(ray_tmp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", path], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     deadline = time.time() + 300

@@ -34,6 +34,11 @@ def test_defaults_and_overrides():
     (BASE, ["model.task=causal-lm", "model.num_labels=3"], "only apply to task sequence-classification"),
     (BASE, ["train.eval_metric=perplexity"], "not reported for task sequence-classification"),
     (BASE, ["notakey"], "must look like dotted.key=value"),
+    # elastic (min_workers < num_workers) runs re-plan only the plain reader: refused at config time (D15)
+    (BASE, ["scaling.num_workers=2", "scaling.min_workers=1", "data.replay={paths: [old]}"],
+     "scaling.min_workers with data.replay: a replay run resumes only on the number of workers it started with"),
+    ({**{k: v for k, v in BASE.items() if k != "data"}, "tasks": [{"name": "a", "data": {"path": "d"}}]},
+     ["scaling.num_workers=2", "scaling.min_workers=1"], "scaling.min_workers: a multi-task run resumes only"),
 ])
 def test_bad_config_is_one_line_user_error(data, overrides, fragment):
     with pytest.raises(UserError) as e:

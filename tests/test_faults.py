@@ -70,3 +70,66 @@ def test_worker_sigkill_mid_epoch_restarts_and_trains_every_sample_once(name, tr
         assert abs(got["val_loss"] - want["val_loss"]) < 1e-6, (got["epoch"], got["val_loss"], want["val_loss"])
     assert abs(summary["test"]["loss"] - reference["test"]["loss"]) < 1e-6
     assert summary["test"]["accuracy"] == reference["test"]["accuracy"]
+
+
+def _poison_rank_rows(data: str, out: Path, rank: int, world: int, batch_size: int, seed: int, token: int) -> None:
+    """A copy of ``data`` in which every training row ``rank`` reads in epoch 0 (and no other row)
+    holds ``token`` (shard checksums updated)."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ftdist.config import StorageSection
+    from ftdist.data.reader import ShardReader
+
+    shutil.copytree(data, out)
+    reader = ShardReader(str(out / "train"), StorageSection(), rank, world, batch_size, seed, shuffle=True)
+    mine = {r["sample_id"] for rows in reader.batches(0) for r in rows}
+    manifest_path = out / "train" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in manifest["shards"]:
+        path = out / "train" / shard["file"]
+        table = pq.read_table(path)
+        ids = table["input_ids"].to_pylist()
+        assert all(token not in row for row in ids)
+        ids = [[row[0], token, *row[2:]] if sid in mine else row
+               for sid, row in zip(table["sample_id"].to_pylist(), ids, strict=True)]
+        column = table.schema.get_field_index("input_ids")
+        pq.write_table(table.set_column(column, "input_ids", pa.array(ids, table.schema.field(column).type)), path)
+        shard["sha256"], shard["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_together(tiny_bert, cls_data, tmp_path, ray_local):
+    """Only rank 1's rows hold a token whose embedding is NaN: its loss is NaN from step 1, rank 0's
+    finite (weights turn NaN only after the step). Every rank must raise LossDiverged at that log line
+    (rank 0 included, not blocked in the next collective), and no checkpoint is kept."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ftdist.errors import LossDiverged, RunFailed
+    from ftdist.failures import _exc_chain
+
+    token = 30521  # the last id of the tiny BERT's vocabulary: in no row of the synthetic data
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    weights = load_file(str(model / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[key][token] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    data = tmp_path / "data"
+    _poison_rank_rows(cls_data, data, rank=1, world=2, batch_size=16, seed=0, token=token)
+    cfg = load_config(data=base_config(str(model), str(data), str(tmp_path / "runs"), run={"name": "nan1"},
+                                       train={"epochs": 1, "log_every_steps": 1}))
+    with pytest.raises(RunFailed) as caught:
+        run_training(cfg)
+    failures = next(e.worker_failures for e in _exc_chain(caught.value) if isinstance(
+        getattr(e, "worker_failures", None), dict))
+    raised = {rank: type(err).__name__ for rank, err in failures.items()}
+    assert raised == {0: LossDiverged.__name__, 1: LossDiverged.__name__}, failures
+    assert str(failures[0]) == str(failures[1]), failures  # the same line, naming rank 1
+    assert "became nan on rank 1 by optimizer step 1:" in str(caught.value)
+    assert not [p.name for p in (tmp_path / "runs" / "nan1").iterdir() if p.name.startswith("epoch")]

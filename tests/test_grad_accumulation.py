@@ -114,4 +114,7 @@ def test_resume_after_a_mid_epoch_checkpoint_matches_the_uninterrupted_run(
     for got, want in zip(result["epochs"], reference["epochs"], strict=True):
         assert (got["step"], got["val_loss"], got["val_accuracy"], got["lr"]) == \
                (want["step"], want["val_loss"], want["val_accuracy"], want["lr"])
+        # The resumed epoch's train loss and throughput cover its batches before the kill too (A14).
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-12)
+        assert got["samples_per_s"] * got["train_time_s"] == pytest.approx(want["samples_per_s"] * want["train_time_s"])
     assert result["test"] == reference["test"]

@@ -69,6 +69,39 @@ def test_fp16_loss_scaling_keeps_small_gradients_from_underflowing(tiny_bert, cl
         teardown(s)
 
 
+def test_fp16_loss_scale_is_checkpointed_and_restored(tiny_bert, cls_data, tmp_path, process_group):
+    """A step whose scaled gradients overflow is skipped and halves DeepSpeed's ZeRO-0 grad scaler
+    (65536 -> 32768); a checkpoint taken then and loaded into a fresh engine resumes at 32768, not at
+    the initial scale (DeepSpeed itself does not save that scaler)."""
+    from ftdist import checkpoint as ckpt
+    from ftdist.data.collate import collate
+    from ftdist.loop import _to_device, forward_autocast, setup, teardown
+
+    cfg = _config(tiny_bert, cls_data, str(tmp_path / "runs"), "fp16")
+    s = setup(cfg, LocalSession(str(tmp_path / "ckpt")))
+    try:
+        scaler = s.engine.torch_autocast_z0_gradscaler
+        initial = scaler.get_scale()
+        rows = next(iter(s.train_reader.batches(0, max_batches=1)))
+        inputs = _to_device(collate(rows, s.tokenizer.pad_token_id, cfg.model.task), s.device)
+        with forward_autocast(s):
+            loss = s.engine(**inputs).loss * 1e30  # overflows once scaled: the step is skipped
+        s.engine.backward(loss)
+        s.engine.step()
+        changed = scaler.get_scale()
+        assert changed == initial / 2, (initial, changed)
+        ckpt.save(s.engine, ckpt.TrainState(), 0, str(tmp_path / "c"), False)
+    finally:
+        teardown(s)
+    s = setup(cfg, LocalSession(str(tmp_path / "ckpt2")))
+    try:
+        assert s.engine.torch_autocast_z0_gradscaler.get_scale() == initial
+        ckpt.load(s.engine, 0, str(tmp_path / "c"), world_size=1)
+        assert s.engine.torch_autocast_z0_gradscaler.get_scale() == changed
+    finally:
+        teardown(s)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_end_to_end(precision, tiny_bert, cls_data, tmp_path, process_group):

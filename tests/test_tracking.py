@@ -130,9 +130,10 @@ def test_a_run_that_learns_one_class_is_diagnosed(tiny_bert, cls_data, tmp_path,
     assert "one_class" in codes and "few_optimizer_steps" in codes, (codes, result["val_confusion"])
 
 
-def test_a_nan_loss_stops_the_run_at_the_first_log_line_keeping_checkpoints(tiny_bert, cls_data, tmp_path,
-                                                                           process_group):
-    """Weights holding a NaN (a corrupt checkpoint, or what divergence leaves) make every loss NaN."""
+def test_a_nan_loss_stops_the_run_before_any_checkpoint_of_it(tiny_bert, cls_data, tmp_path, process_group):
+    """Weights holding a NaN (a corrupt checkpoint, or what divergence leaves) make every loss NaN. With
+    checkpoints due more often than log lines, the loss is checked before the first checkpoint too:
+    no checkpoint folder of the diverged weights, and no NaN metric reported."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -146,6 +147,8 @@ def test_a_nan_loss_stops_the_run_at_the_first_log_line_keeping_checkpoints(tiny
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     session = LocalSession(str(tmp_path / "ckpt"))
-    with pytest.raises(LossDiverged, match=f"step {LOG_EVERY}"):
-        train_worker(_config(str(model), cls_data, tmp_path / "runs", "nan"), session)
-    assert session.reports == []  # no checkpoint of diverged weights
+    every = LOG_EVERY - 1
+    with pytest.raises(LossDiverged, match=f"became nan by optimizer step {every}:"):
+        train_worker(_config(str(model), cls_data, tmp_path / "runs", "nan", checkpoint_every_steps=every), session)
+    assert session.reports == []  # no checkpoint of diverged weights, no NaN train_loss reported
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []

@@ -71,3 +71,24 @@ def test_a_manifest_with_a_malformed_length_record_is_one_line(tiny_bert, cls_da
     del man["token_lengths"]  # manifests from before this field still load
     path.write_text(json.dumps(man))
     assert load_manifest(str(tmp_path / "ds" / "train"), StorageSection()).token_lengths is None
+
+
+def test_position_limits_of_absolute_offset_and_relative_position_models():
+    """Tokens a model can read: BERT's max_position_embeddings; RoBERTa's less the padding offset
+    (a real forward pass at the limit works, one token more fails); none for T5 (relative)."""
+    import torch
+    from transformers import BertConfig, RobertaConfig, RobertaModel, T5Config
+
+    from ftdist.preflight import position_limit
+
+    assert position_limit(BertConfig(max_position_embeddings=128))[0] == 128
+    assert position_limit(T5Config()) is None
+    cfg = RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                        max_position_embeddings=20, pad_token_id=1)
+    limit, why = position_limit(cfg)
+    assert limit == 18 and "max_position_embeddings 20" in why
+    model = RobertaModel(cfg).eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 5))
+        with pytest.raises((IndexError, RuntimeError)):  # position index 20 of 20 rows
+            model(input_ids=torch.full((1, limit + 1), 5))

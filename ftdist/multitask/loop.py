@@ -43,7 +43,8 @@ from ftdist.diagnoses import check_loss_finite
 from ftdist.engine import build_engine, reapply_hyperparameters
 from ftdist.lora import parameter_counts
 from ftdist.loop import (Setup, accumulation_window, evaluate, forward_autocast, mid_epoch_checkpoint_due,
-                         optimizer_steps_per_epoch, seed_everything, split_uri, start_worker, train_step)
+                         optimizer_steps_per_epoch, seed_everything, split_uri, start_worker,
+                         stop_if_any_rank_diverged, train_step)
 from ftdist.metrics import mfu, peak_tflops, per_class_metrics, regression_metrics
 from ftdist.multitask import sampling
 from ftdist.multitask.model import MultiTaskModel
@@ -296,13 +297,14 @@ def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
                 n_loss[i] += 1
                 if state.batch % cfg.train.log_every_steps == 0:
                     mean = loss_acc.sum().item() / max(sum(n_loss), 1)
-                    check_loss_finite(mean, state.global_step)
+                    stop_if_any_rank_diverged(s, mean, state.global_step)
                     log(s, f"epoch {epoch + 1}/{cfg.train.epochs} batch {state.batch}/{S} loss {mean:.4f} "
                            f"lr {engine.get_lr()[0]:.2e}")
                     state.train_log.append([state.global_step, mean])
                     tracker.log_step(state.global_step, {"train/loss": mean, "train/lr": engine.get_lr()[0]})
                 if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                     worst = -1e30 if mode == "max" else 1e30
+                    stop_if_any_rank_diverged(s, loss_acc.sum().item() / max(sum(n_loss), 1), state.global_step)
                     save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
                                                f"val_{metric}": worst, "mid_epoch": True})
         finally:
