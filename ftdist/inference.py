@@ -33,7 +33,7 @@ from ftdist import storage
 from ftdist.config import StorageSection
 from ftdist.uri import join_uri
 from ftdist.errors import UserError
-from ftdist.export import EXPORT_MARKER
+from ftdist.export_files import EXPORT_MARKER
 from ftdist.redaction import redact_uri
 from ftdist.sweep.layout import BEST_MODEL
 

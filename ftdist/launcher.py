@@ -100,25 +100,27 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
             print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
                   f"{join_uri(run_uri, layout.SUMMARY)})")
             return summary
-        lease = run_lease.acquire(run_uri, cfg.storage)  # before anything is written: one driver per folder
-    try:
-        return _train_and_report(cfg, started_at)
-    finally:
-        run_lease.release(lease)
-
-
-def _train_and_report(cfg: RunConfig, started_at: float) -> dict[str, Any]:
-    """The part of a run that writes into the run folder: under the folder's lease."""
-    run_uri = cfg.run_uri()
-    with unreachable_storage_is_a_user_error():
-        state = check_run_folder(cfg)  # again under the lease: another driver may have finished meanwhile
-        if state == "completed":
-            return read_json(join_uri(run_uri, layout.SUMMARY), cfg)
         if cfg.tasks:
             facts = multitask_preflight(cfg)
         else:
             prepare_data_if_needed(cfg)
             facts = preflight(cfg)
+        # After the checks (a refused config writes nothing), before anything is written: one driver per folder.
+        lease = run_lease.acquire(run_uri, cfg.storage)
+    try:
+        return _train_and_report(cfg, started_at, state, facts)
+    finally:
+        run_lease.release(lease)
+
+
+def _train_and_report(cfg: RunConfig, started_at: float, state: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run that writes into the run folder: under the folder's lease."""
+    run_uri = cfg.run_uri()
+    with unreachable_storage_is_a_user_error():  # another driver may have worked in the folder meanwhile
+        if storage.exists(join_uri(run_uri, layout.SUMMARY), cfg.storage):
+            return read_json(join_uri(run_uri, layout.SUMMARY), cfg)
+        if state == "new":
+            state = check_run_folder(cfg)
     if state == "new":
         write_run_marker(cfg)
     else:

@@ -356,7 +356,7 @@ def _relation(out: str, other: str) -> str | None:
 def _ftdist_folders_around(out: str, cfg: StorageSection) -> list[tuple[str, str]]:
     """The ftdist run folders, exports and prepared splits that ``out`` is or lies inside, nearest first
     (their markers: ``ftdist_run.json``, ``ftdist_export.json``, ``manifest.json``)."""
-    from ftdist.export import EXPORT_MARKER
+    from ftdist.export_files import EXPORT_MARKER
 
     found = []
     markers = ((RUN_MARKER, "ftdist run folder"), (EXPORT_MARKER, "ftdist export"), (MANIFEST, "prepared split"))

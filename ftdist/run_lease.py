@@ -194,6 +194,12 @@ def release(lease: Lease) -> None:
         seen = _read(lease.uri, lease.cfg)
         if seen is not None and seen.record.get("token") == lease.token:
             storage.remove(lease.uri, lease.cfg)
+    if not storage.is_remote(lease.uri):  # a run refused after taking the lease leaves no empty folder
+        path = storage.local_path(lease.uri)
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.lock")
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
 
 
 @contextlib.contextmanager

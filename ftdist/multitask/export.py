@@ -26,8 +26,8 @@ from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig
 from ftdist.uri import join_uri
-from ftdist.export import EXPORT_MARKER, full_state_dict
-from ftdist.export_files import write_marker
+from ftdist.export import full_state_dict
+from ftdist.export_files import EXPORT_MARKER, write_marker
 from ftdist.lora import merged_task_model
 from ftdist.multitask.model import task_state_dict
 from ftdist.redaction import redact
