@@ -5,7 +5,7 @@ Routes (JSON in, JSON out):
 - ``POST /predict`` with ``{"text": "..."}`` -> ``{"prediction": {...}, "version": ...}`` or with
   ``{"texts": ["...", ...]}`` -> ``{"predictions": [...], "version": ...}``; a prediction is what
   ``ftdist.inference`` returns (``label``, ``label_id``, ``scores`` in ``label_names`` order; or
-  ``loss``, ``perplexity``, ``tokens`` for a causal LM);
+  ``loss``, ``perplexity``, ``tokens`` for a causal LM: null loss and perplexity for 0-1 tokens);
 - ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model;
 - ``GET /metadata`` -> label names, task, version and test metrics from ``ftdist_export.json``, and
   the request limits.
@@ -13,9 +13,11 @@ Routes (JSON in, JSON out):
 Requests from many clients are batched dynamically (``@serve.batch``): a replica runs one forward
 for every request that arrived while the previous forward ran (up to ``max_batch_size`` texts).
 Bad requests get a 4xx with a one-line ``{"error": ...}``: 400 malformed JSON, 413 too many texts,
-a text longer than ``max_text_chars`` or a body too large, 422 wrong shape or types (an empty list
-included). Texts within the limit are truncated to the training ``max_length`` in tokens, as in
-training. An error inside the replica is a 500 with one line, never a traceback.
+a text longer than ``max_text_chars`` or a body too large (a chunked body is refused as soon as it
+passes the limit), 422 wrong shape or types (an empty list, a text with a lone surrogate or an
+integer past Python's digit limit included). A request that fails in the batched forward fails
+alone: the requests batched with it are answered. Texts within the limit are truncated to the
+training ``max_length`` in tokens, as in training. An error inside the replica is a 500 with one line, never a traceback.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
@@ -30,7 +32,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,8 +54,10 @@ class Limits:
 
     @property
     def max_body_bytes(self) -> int:
-        # Every text at its limit, 4 bytes per character as UTF-8 or JSON escapes at worst, plus framing.
-        return self.max_texts * (self.max_text_chars * 6 + 16) + 1024
+        # Every text at its limit, plus framing. 12 bytes per character at worst: one character
+        # outside the BMP is one str character, written as a surrogate-pair escape ("\ud83d\ude00",
+        # json.dumps' default) it is 12 bytes (UTF-8 takes at most 4, a BMP escape 6).
+        return self.max_texts * (self.max_text_chars * 12 + 16) + 1024
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestError(400, f"malformed JSON{where}; {SHAPE}") from None
+    except ValueError:  # valid JSON, but an integer past Python's digit limit (4,300 digits)
+        raise RequestError(422, f"a number too long to read; {SHAPE}") from None
     if not isinstance(payload, dict) or len(payload) != 1 or not {"text", "texts"} & set(payload):
         raise RequestError(422, SHAPE)
     single = "text" in payload
@@ -109,7 +115,58 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
             raise RequestError(422, f"{where} must be a string, got {type(t).__name__}")
         if len(t) > limits.max_text_chars:
             raise RequestError(413, f"{where} has {len(t)} characters; at most {limits.max_text_chars}")
+        try:  # a lone surrogate ("\ud800") is legal JSON but no text: the tokenizer would raise on it
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(422, f"{where} cannot be encoded as UTF-8 (a lone surrogate at character "
+                                    f"{e.start}); send Unicode text") from None
     return texts, single
+
+
+async def read_body(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The request body, or a 413 as soon as it passes ``limit`` bytes.
+
+    Why while reading: a chunked body declares no length, and reading it whole before comparing
+    let one client make the proxy and the replica hold hundreds of MB per request. Past the limit
+    nothing more is read (the connection is closed after the 413)."""
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds {limit} bytes (stopped reading at {size})")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def predict_each(predict: Callable[[list[str]], list[dict[str, Any]]], requests: list[list[str]],
+                 chunk: int) -> list[list[dict[str, Any]] | Exception]:
+    """Each request's rows, or the exception that request alone raised.
+
+    Why: dynamic batching runs many clients' requests in one call, and an exception there would
+    fail all of them. The batch runs whole first (one forward per ``chunk`` texts); if it raises,
+    each request runs by itself, so a request that fails (whatever the cause) fails alone."""
+    def rows_of(texts: list[str]) -> list[dict[str, Any]]:
+        return [row for i in range(0, len(texts), chunk) for row in predict(texts[i:i + chunk])]
+
+    try:
+        rows = rows_of([t for texts in requests for t in texts])
+    except Exception as e:
+        if len(requests) == 1:
+            return [e]
+        out: list[list[dict[str, Any]] | Exception] = []
+        for texts in requests:
+            try:
+                out.append(rows_of(texts))
+            except Exception as one:
+                out.append(one)
+        return out
+    at, split = 0, list[list[dict[str, Any]] | Exception]()
+    for texts in requests:
+        split.append(rows[at:at + len(texts)])
+        at += len(texts)
+    return split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,15 +201,15 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
 
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-                return JSONResponse({"error": f"request body of {declared} bytes exceeds "
-                                              f"{self.limits.max_body_bytes} bytes"}, 413)
             try:
-                texts, single = parse_request(await request.body(), self.limits)
+                body = await read_body(request.headers.get("content-length"), request.stream(),
+                                       self.limits.max_body_bytes)
+                texts, single = parse_request(body, self.limits)
             except RequestError as e:
                 return JSONResponse({"error": str(e)}, e.status)
             rows = await self.infer(texts)
+            if isinstance(rows, Exception):  # this request's own failure (its batch's others were answered)
+                raise rows
             version = self.predictor.info.version
             return JSONResponse({"prediction": rows[0], "version": version} if single
                                 else {"predictions": rows, "version": version})
@@ -168,19 +225,12 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
                     "max_batch_size": self.max_batch_size}
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def infer(self, requests: list[list[str]]) -> list[list[dict[str, Any]]]:
+        async def infer(self, requests: list[list[str]]) -> list[list[dict[str, Any]] | Exception]:
             """One call per request; the texts of all requests in the batch go through forwards of
             at most max_batch_size texts, in a thread so /healthz stays responsive meanwhile."""
-            flat = [t for texts in requests for t in texts]
             loop = asyncio.get_running_loop()
-            rows: list[dict[str, Any]] = []
-            for i in range(0, len(flat), self.max_batch_size):
-                rows += await loop.run_in_executor(None, self.predictor.predict_texts, flat[i:i + self.max_batch_size])
-            out, at = [], 0
-            for texts in requests:
-                out.append(rows[at:at + len(texts)])
-                at += len(texts)
-            return out
+            return await loop.run_in_executor(None, predict_each, self.predictor.predict_texts, requests,
+                                              self.max_batch_size)
 
     scaling: dict[str, Any] = {"num_replicas": opts.replicas}
     if opts.max_replicas and opts.max_replicas > opts.replicas:

@@ -91,3 +91,32 @@ def test_request_parser_accepts_one_text_or_a_list():
     limits = Limits(max_texts=2, max_text_chars=5)
     assert parse_request(json.dumps({"text": "abc"}).encode(), limits) == (["abc"], True)
     assert parse_request(json.dumps({"texts": ["a", "é"]}).encode(), limits) == (["a", "é"], False)
+
+
+def test_request_parser_refuses_unencodable_text_and_over_long_numbers():
+    limits = Limits(max_texts=2, max_text_chars=500)  # a body limit of 13 kB: room for 5,000 digits
+    for body, status, reason in [(b'{"text": "\\ud800a"}', 422, "'text' cannot be encoded as UTF-8"),
+                                 (b'{"texts": ["a", "b\\udfff"]}', 422, "texts[1] cannot be encoded as UTF-8"),
+                                 (b'{"texts": [' + b"9" * 5000 + b"]}", 422, "a number too long to read")]:
+        with pytest.raises(RequestError) as e:
+            parse_request(body, limits)
+        assert e.value.status == status and reason in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_body_limit_admits_every_request_within_the_text_limits():
+    # the worst case per character: an astral character as a 12-byte surrogate-pair escape
+    body = json.dumps({"texts": ["\U0001F600" * 10_000] * 64}).encode()
+    texts, single = parse_request(body, Limits())
+    assert len(texts) == 64 and not single and len(body) <= Limits().max_body_bytes
+
+
+def test_a_failing_request_fails_alone_in_a_batch(world):
+    from ftdist.inference import Predictor
+    from ftdist.serve import predict_each
+
+    p = Predictor(world["model"])
+    with pytest.raises(TypeError):  # what the tokenizer does with a lone surrogate: the whole batch fails
+        p.predict_texts(["good", "\ud800", "fine"])
+    out = predict_each(p.predict_texts, [["good"], ["\ud800"], ["fine", "ok"]], chunk=2)
+    assert isinstance(out[1], TypeError)
+    assert out[0] == p.predict_texts(["good"]) and out[2] == p.predict_texts(["fine", "ok"])
