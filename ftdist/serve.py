@@ -279,8 +279,12 @@ def check_options(opts: ServeOptions) -> None:
     if opts.max_replicas is not None and opts.max_replicas < opts.replicas:
         raise UserError(f"--max-replicas {opts.max_replicas} is below --replicas {opts.replicas}; "
                         f"it is the autoscaling upper bound")
-    if opts.cpus_per_replica <= 0:
+    if opts.port > 65535:
+        raise UserError(f"--port {opts.port} must be <= 65535")
+    if not opts.cpus_per_replica > 0 or not math.isfinite(opts.cpus_per_replica):  # NaN fails every comparison
         raise UserError(f"--cpus-per-replica {opts.cpus_per_replica} must be > 0 (fractions such as 0.5 are fine)")
+    if not opts.batch_wait_timeout_s >= 0 or not math.isfinite(opts.batch_wait_timeout_s):
+        raise UserError(f"--batch-wait-ms {opts.batch_wait_timeout_s * 1000} must be >= 0")
 
 
 def start(opts: ServeOptions, say: Callable[[str], None] | None = None,

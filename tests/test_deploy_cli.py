@@ -47,7 +47,6 @@ def cases(w: dict) -> list[tuple[list[str], str]]:
         (["serve", w["partial"]], "not a complete ftdist export"),
         (["serve", m, "--replicas", "0"], "--replicas 0 must be >= 1"),
         (["serve", m, "--replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --replicas 3"),
-        (["serve", m, "--cpus-per-replica", "0"], "--cpus-per-replica 0.0 must be > 0"),
     ]
 
 
@@ -120,3 +119,23 @@ def test_a_failing_request_fails_alone_in_a_batch(world):
     out = predict_each(p.predict_texts, [["good"], ["\ud800"], ["fine", "ok"]], chunk=2)
     assert isinstance(out[1], TypeError)
     assert out[0] == p.predict_texts(["good"]) and out[2] == p.predict_texts(["fine", "ok"])
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--port", "70000"], "argument --port: 70000 is not a port (1-65535)"),
+    (["--port", "0"], "argument --port: 0 is not a port (1-65535)"),
+    (["--cpus-per-replica", "0"], "argument --cpus-per-replica: 0 is not a number > 0"),
+    (["--cpus-per-replica", "nan"], "argument --cpus-per-replica: nan is not a number > 0"),
+    (["--cpus-per-replica", "inf"], "argument --cpus-per-replica: inf is not a number > 0"),
+    (["--batch-wait-ms", "-5"], "argument --batch-wait-ms: -5 is not a number >= 0"),
+    (["--batch-wait-ms", "nan"], "argument --batch-wait-ms: nan is not a number >= 0"),
+])
+def test_serve_flags_out_of_range_are_one_line_exit_2(world, capsys, flags, reason):
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(SystemExit) as e:  # argparse refuses them: no model is loaded, no Ray started
+        main(["serve", world["model"], *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("ftdist: error: ") and reason in err, err
+    assert ray.is_initialized() == ray_was_up
