@@ -6,7 +6,7 @@ Routes (JSON in, JSON out):
   ``{"texts": ["...", ...]}`` -> ``{"predictions": [...], "version": ...}``; a prediction is what
   ``ftdist.inference`` returns (``label``, ``label_id``, ``scores`` in ``label_names`` order; or
   ``loss``, ``perplexity``, ``tokens`` for a causal LM: null loss and perplexity for 0-1 tokens);
-- ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model;
+- ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model (503 while draining);
 - ``GET /metadata`` -> label names, task, version and test metrics from ``ftdist_export.json``, and
   the request limits.
 
@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -169,6 +170,43 @@ def predict_each(predict: Callable[[list[str]], list[dict[str, Any]]], requests:
     return split
 
 
+class DrainBoard:
+    """What ``ftdist serve``'s driver and its replicas share while draining (a named Ray actor).
+
+    Why: ``serve.shutdown`` kills the HTTP proxies at once, dropping every request in flight (36
+    of 40 were). So on SIGTERM the driver first raises the flag here; each replica polls it every
+    ``DRAIN_POLL_S``, then answers new requests 503 and reports its requests still running; the
+    driver shuts Serve down once every replica reports none (or the drain timeout passes)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.replicas: dict[str, tuple[int, bool, float]] = {}  # id -> (in flight, draining, when)
+
+    def report(self, replica: str, in_flight: int, draining: bool) -> bool:
+        """A replica's count (taken after it set ``draining``); returns whether to drain."""
+        import time
+
+        self.replicas[replica] = (in_flight, draining, time.monotonic())
+        return self.draining
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def drained(self) -> bool:
+        """Every replica heard recently has seen the flag and has nothing running (one that stopped
+        reporting, e.g. scaled down, is not waited for)."""
+        import time
+
+        now = time.monotonic()
+        return all(seen and n == 0 for n, seen, at in self.replicas.values() if now - at < 10 * DRAIN_POLL_S)
+
+
+DRAIN_BOARD = "ftdist-serve-drain"  # the actor's name, in the DRAIN_NAMESPACE namespace
+DRAIN_NAMESPACE = "ftdist"
+DRAIN_POLL_S = 0.1
+DRAIN_GRACE_S = 0.5  # after the last handler returned: its response still crosses the proxy
+
+
 # ---------------------------------------------------------------------------------------------
 # The Serve application (Ray and FastAPI are imported only here, when serving)
 
@@ -198,9 +236,49 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
             batched: Any = self.infer  # Serve's @serve.batch wrapper; its setters are not in the stubs
             batched.set_max_batch_size(max_batch_size)
             batched.set_batch_wait_timeout_s(wait_s)
+            self.draining, self.in_flight = False, 0
+            self.watcher: asyncio.Task[None] | None = None
+            self.watch()
+
+        def watch(self) -> None:
+            """Start the drain poller once, on the replica's event loop (the constructor runs on it)."""
+            if self.watcher is None:
+                try:
+                    self.watcher = asyncio.get_running_loop().create_task(self.watch_drain())
+                except RuntimeError:  # no loop here: the first request starts it
+                    pass
+
+        async def watch_drain(self) -> None:
+            """Follow ftdist serve's DrainBoard (see there); served without one (a RayService), never drains here."""
+            import uuid
+
+            import ray
+
+            try:
+                board = ray.get_actor(DRAIN_BOARD, namespace=DRAIN_NAMESPACE)
+            except ValueError:
+                return
+            me = uuid.uuid4().hex
+            while True:
+                try:
+                    self.draining = await board.report.remote(me, self.in_flight, self.draining) or self.draining
+                except Exception:  # the driver is gone: Serve is being shut down anyway
+                    return
+                await asyncio.sleep(DRAIN_POLL_S)
 
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:
+            self.watch()
+            if self.draining:
+                return JSONResponse({"error": "the service is draining (shutting down); send the request "
+                                              "to another instance or retry later"}, 503)
+            self.in_flight += 1
+            try:
+                return await self.answer(request)
+            finally:
+                self.in_flight -= 1
+
+        async def answer(self, request: Request) -> JSONResponse:
             try:
                 body = await read_body(request.headers.get("content-length"), request.stream(),
                                        self.limits.max_body_bytes)
@@ -215,8 +293,8 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
                                 else {"predictions": rows, "version": version})
 
         @api.get("/healthz")
-        async def healthz(self) -> dict[str, str]:
-            return {"status": "ok"}
+        async def healthz(self) -> JSONResponse:
+            return JSONResponse({"status": "draining"}, 503) if self.draining else JSONResponse({"status": "ok"})
 
         @api.get("/metadata")
         async def metadata(self) -> dict[str, Any]:
@@ -311,6 +389,9 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
     try:
         if on_connected:
             on_connected()
+        global _board
+        _board = ray.remote(num_cpus=0)(DrainBoard).options(name=DRAIN_BOARD, namespace=DRAIN_NAMESPACE,
+                                                               get_if_exists=True).remote()
         gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (
             1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
         serve.start(http_options={"host": opts.host, "port": opts.port})
@@ -334,12 +415,35 @@ def check_port_free(host: str, port: int) -> None:
                             f"or stop what uses it") from None
 
 
+_board: Any = None  # the DrainBoard actor start() made; kept referenced so that it lives
+
+
+def drain(timeout_s: float) -> None:
+    """Replicas answer new requests 503 and finish those they run; returns when none runs any more
+    (or after ``timeout_s``)."""
+    import ray
+
+    if _board is None:
+        return
+    ray.get(_board.drain.remote())
+    deadline = time.monotonic() + timeout_s
+    time.sleep(2 * DRAIN_POLL_S)  # every replica polls once, sees the flag and reports after it
+    while not ray.get(_board.drained.remote()) and time.monotonic() < deadline:
+        time.sleep(DRAIN_POLL_S)
+    time.sleep(DRAIN_GRACE_S)
+
+
 def stop(started_ray: bool) -> None:
-    """Drain and stop: Serve lets running requests finish (graceful_shutdown_timeout_s), then Ray."""
+    """Stop Serve, then Ray when started here. Serve kills its proxies at once, dropping requests in
+    flight: ``ftdist serve`` calls ``drain`` first."""
     import ray
     from ray import serve
 
+    global _board
     serve.shutdown()
+    if _board is not None:
+        ray.kill(_board)
+        _board = None
     if started_ray:
         ray.shutdown()
 
@@ -360,7 +464,10 @@ def run_until_signalled(opts: ServeOptions) -> int:
         stop_event.wait()
     finally:
         _stderr("stopping: draining requests, then shutting down")
-        stop(started)
+        try:
+            drain(opts.graceful_shutdown_timeout_s)
+        finally:
+            stop(started)
     _stderr("stopped")
     return 0
 
