@@ -65,3 +65,20 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, tiny_bert):
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+def test_adversarial_load_then_sigterm_fails_no_good_request_and_drops_none(tmp_path, tiny_bert):
+    """bench/serve_load.py on a small budget: 8 clients for 8 s, 10% adversarial, SIGTERM under load."""
+    import json
+    from pathlib import Path
+
+    model = export_tiny(tiny_bert, tmp_path / "run" / "model")
+    out = tmp_path / "load.json"
+    p = subprocess.run([sys.executable, "-m", "bench.serve_load", "--model", model, "--concurrency", "8",
+                        "--seconds", "8", "--cpus", "0.5", "--json", str(out)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["good"] > 50 and r["bad"] > 5, r
+    assert r["good_failed"] == {} and r["bad_not_4xx"] == {} and r["dropped_at_sigterm"] == {}, r
+    assert r["exit_code"] == 0, r["stderr_tail"]
