@@ -153,6 +153,17 @@ def interrupted_message(command: str) -> str:
     return "ftdist: interrupted; rerun the same command to resume from the latest checkpoint"
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port. Why here: 70000 reached socket.bind as an OverflowError traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return port
+
+
 def _add_deploy_args(sub: Any) -> None:
     """``ftdist predict`` and ``ftdist serve`` (see README, Deploying a model)."""
     model_help = "exported model: <run folder>/model, a run folder, a sweep folder (best_model) - local, s3:// or pkg://"
@@ -175,13 +186,13 @@ def _add_deploy_args(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve an exported model over HTTP (Ray Serve, dynamic batching)")
     p.add_argument("model", help=model_help)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when --max-replicas is set)")
     p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas on ongoing requests")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=positive_number, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, help="default: 1 where the cluster has GPUs, else 0")
     p.add_argument("--max-batch-size", type=int, default=32, help="texts per forward; 1 turns dynamic batching off")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
+    p.add_argument("--batch-wait-ms", type=non_negative_number, default=5.0, help="how long a batch waits to fill up")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (413 beyond)")
     p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text at most (413 beyond)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

@@ -11,7 +11,8 @@ What a row's prediction is:
 - sequence classification: ``label`` (the class name), ``label_id`` and ``scores`` (per-class
   probabilities, in the order of the export's ``label_names``);
 - causal LM: ``loss`` (mean next-token negative log-likelihood of the text, in nats), ``perplexity``
-  (``exp(loss)``) and ``tokens`` (tokens predicted: length - 1). A causal LM has no labels to
+  (``exp(loss)``) and ``tokens`` (tokens predicted: length - 1); a text of 0 or 1 tokens has nothing
+  to predict: ``tokens`` 0, ``loss`` and ``perplexity`` None. A causal LM has no labels to
   choose from; scoring the text is what a batch job over a data set can do without a prompt format
   (ranking candidate continuations is this, once per candidate).
 
@@ -213,8 +214,10 @@ def _lm_scores(logits: Any, input_ids: Any, mask: Any) -> list[dict[str, Any]]:
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
     m = mask[:, 1:].float()
     sums, counts = (nll * m).sum(1).tolist(), m.sum(1).tolist()
-    out = []
+    out: list[dict[str, Any]] = []
     for s, n in zip(sums, counts):
-        loss = s / n if n else float("nan")
-        out.append({"loss": loss, "perplexity": math.exp(loss) if n else float("nan"), "tokens": int(n)})
+        # A text of 0-1 tokens has no next token to predict: its loss is undefined. None (JSON null,
+        # a Parquet null) says so; NaN was not JSON, so the service answered 500.
+        loss = s / n if n else None
+        out.append({"loss": loss, "perplexity": math.exp(loss) if loss is not None else None, "tokens": int(n)})
     return out

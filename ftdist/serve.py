@@ -5,17 +5,19 @@ Routes (JSON in, JSON out):
 - ``POST /predict`` with ``{"text": "..."}`` -> ``{"prediction": {...}, "version": ...}`` or with
   ``{"texts": ["...", ...]}`` -> ``{"predictions": [...], "version": ...}``; a prediction is what
   ``ftdist.inference`` returns (``label``, ``label_id``, ``scores`` in ``label_names`` order; or
-  ``loss``, ``perplexity``, ``tokens`` for a causal LM);
-- ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model;
+  ``loss``, ``perplexity``, ``tokens`` for a causal LM: null loss and perplexity for 0-1 tokens);
+- ``GET /healthz`` -> ``{"status": "ok"}`` once the replica has loaded the model (503 while draining);
 - ``GET /metadata`` -> label names, task, version and test metrics from ``ftdist_export.json``, and
   the request limits.
 
 Requests from many clients are batched dynamically (``@serve.batch``): a replica runs one forward
 for every request that arrived while the previous forward ran (up to ``max_batch_size`` texts).
 Bad requests get a 4xx with a one-line ``{"error": ...}``: 400 malformed JSON, 413 too many texts,
-a text longer than ``max_text_chars`` or a body too large, 422 wrong shape or types (an empty list
-included). Texts within the limit are truncated to the training ``max_length`` in tokens, as in
-training. An error inside the replica is a 500 with one line, never a traceback.
+a text longer than ``max_text_chars`` or a body too large (a chunked body is refused as soon as it
+passes the limit), 422 wrong shape or types (an empty list, a text with a lone surrogate or an
+integer past Python's digit limit included). A request that fails in the batched forward fails
+alone: the requests batched with it are answered. Texts within the limit are truncated to the
+training ``max_length`` in tokens, as in training. An error inside the replica is a 500 with one line, never a traceback.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
@@ -30,7 +32,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,8 +55,10 @@ class Limits:
 
     @property
     def max_body_bytes(self) -> int:
-        # Every text at its limit, 4 bytes per character as UTF-8 or JSON escapes at worst, plus framing.
-        return self.max_texts * (self.max_text_chars * 6 + 16) + 1024
+        # Every text at its limit, plus framing. 12 bytes per character at worst: one character
+        # outside the BMP is one str character, written as a surrogate-pair escape ("\ud83d\ude00",
+        # json.dumps' default) it is 12 bytes (UTF-8 takes at most 4, a BMP escape 6).
+        return self.max_texts * (self.max_text_chars * 12 + 16) + 1024
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestError(400, f"malformed JSON{where}; {SHAPE}") from None
+    except ValueError:  # valid JSON, but an integer past Python's digit limit (4,300 digits)
+        raise RequestError(422, f"a number too long to read; {SHAPE}") from None
     if not isinstance(payload, dict) or len(payload) != 1 or not {"text", "texts"} & set(payload):
         raise RequestError(422, SHAPE)
     single = "text" in payload
@@ -109,7 +116,95 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
             raise RequestError(422, f"{where} must be a string, got {type(t).__name__}")
         if len(t) > limits.max_text_chars:
             raise RequestError(413, f"{where} has {len(t)} characters; at most {limits.max_text_chars}")
+        try:  # a lone surrogate ("\ud800") is legal JSON but no text: the tokenizer would raise on it
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(422, f"{where} cannot be encoded as UTF-8 (a lone surrogate at character "
+                                    f"{e.start}); send Unicode text") from None
     return texts, single
+
+
+async def read_body(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The request body, or a 413 as soon as it passes ``limit`` bytes.
+
+    Why while reading: a chunked body declares no length, and reading it whole before comparing
+    let one client make the proxy and the replica hold hundreds of MB per request. Past the limit
+    nothing more is read (the connection is closed after the 413)."""
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds {limit} bytes (stopped reading at {size})")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def predict_each(predict: Callable[[list[str]], list[dict[str, Any]]], requests: list[list[str]],
+                 chunk: int) -> list[list[dict[str, Any]] | Exception]:
+    """Each request's rows, or the exception that request alone raised.
+
+    Why: dynamic batching runs many clients' requests in one call, and an exception there would
+    fail all of them. The batch runs whole first (one forward per ``chunk`` texts); if it raises,
+    each request runs by itself, so a request that fails (whatever the cause) fails alone."""
+    def rows_of(texts: list[str]) -> list[dict[str, Any]]:
+        return [row for i in range(0, len(texts), chunk) for row in predict(texts[i:i + chunk])]
+
+    try:
+        rows = rows_of([t for texts in requests for t in texts])
+    except Exception as e:
+        if len(requests) == 1:
+            return [e]
+        out: list[list[dict[str, Any]] | Exception] = []
+        for texts in requests:
+            try:
+                out.append(rows_of(texts))
+            except Exception as one:
+                out.append(one)
+        return out
+    at, split = 0, list[list[dict[str, Any]] | Exception]()
+    for texts in requests:
+        split.append(rows[at:at + len(texts)])
+        at += len(texts)
+    return split
+
+
+class DrainBoard:
+    """What ``ftdist serve``'s driver and its replicas share while draining (a named Ray actor).
+
+    Why: ``serve.shutdown`` kills the HTTP proxies at once, dropping every request in flight (36
+    of 40 were). So on SIGTERM the driver first raises the flag here; each replica polls it every
+    ``DRAIN_POLL_S``, then answers new requests 503 and reports its requests still running; the
+    driver shuts Serve down once every replica reports none (or the drain timeout passes)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.replicas: dict[str, tuple[int, bool, float]] = {}  # id -> (in flight, draining, when)
+
+    def report(self, replica: str, in_flight: int, draining: bool) -> bool:
+        """A replica's count (taken after it set ``draining``); returns whether to drain."""
+        import time
+
+        self.replicas[replica] = (in_flight, draining, time.monotonic())
+        return self.draining
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def drained(self) -> bool:
+        """Every replica heard recently has seen the flag and has nothing running (one that stopped
+        reporting, e.g. scaled down, is not waited for)."""
+        import time
+
+        now = time.monotonic()
+        return all(seen and n == 0 for n, seen, at in self.replicas.values() if now - at < 10 * DRAIN_POLL_S)
+
+
+DRAIN_BOARD = "ftdist-serve-drain"  # the actor's name, in the DRAIN_NAMESPACE namespace
+DRAIN_NAMESPACE = "ftdist"
+DRAIN_POLL_S = 0.1
+DRAIN_GRACE_S = 0.5  # after the last handler returned: its response still crosses the proxy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,25 +236,65 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
             batched: Any = self.infer  # Serve's @serve.batch wrapper; its setters are not in the stubs
             batched.set_max_batch_size(max_batch_size)
             batched.set_batch_wait_timeout_s(wait_s)
+            self.draining, self.in_flight = False, 0
+            self.watcher: asyncio.Task[None] | None = None
+            self.watch()
+
+        def watch(self) -> None:
+            """Start the drain poller once, on the replica's event loop (the constructor runs on it)."""
+            if self.watcher is None:
+                try:
+                    self.watcher = asyncio.get_running_loop().create_task(self.watch_drain())
+                except RuntimeError:  # no loop here: the first request starts it
+                    pass
+
+        async def watch_drain(self) -> None:
+            """Follow ftdist serve's DrainBoard (see there); served without one (a RayService), never drains here."""
+            import uuid
+
+            import ray
+
+            try:
+                board = ray.get_actor(DRAIN_BOARD, namespace=DRAIN_NAMESPACE)
+            except ValueError:
+                return
+            me = uuid.uuid4().hex
+            while True:
+                try:
+                    self.draining = await board.report.remote(me, self.in_flight, self.draining) or self.draining
+                except Exception:  # the driver is gone: Serve is being shut down anyway
+                    return
+                await asyncio.sleep(DRAIN_POLL_S)
 
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-                return JSONResponse({"error": f"request body of {declared} bytes exceeds "
-                                              f"{self.limits.max_body_bytes} bytes"}, 413)
+            self.watch()
+            if self.draining:
+                return JSONResponse({"error": "the service is draining (shutting down); send the request "
+                                              "to another instance or retry later"}, 503)
+            self.in_flight += 1
             try:
-                texts, single = parse_request(await request.body(), self.limits)
+                return await self.answer(request)
+            finally:
+                self.in_flight -= 1
+
+        async def answer(self, request: Request) -> JSONResponse:
+            try:
+                body = await read_body(request.headers.get("content-length"), request.stream(),
+                                       self.limits.max_body_bytes)
+                texts, single = parse_request(body, self.limits)
             except RequestError as e:
                 return JSONResponse({"error": str(e)}, e.status)
             rows = await self.infer(texts)
+            if isinstance(rows, Exception):  # this request's own failure (its batch's others were answered)
+                raise rows
             version = self.predictor.info.version
             return JSONResponse({"prediction": rows[0], "version": version} if single
                                 else {"predictions": rows, "version": version})
 
         @api.get("/healthz")
-        async def healthz(self) -> dict[str, str]:
-            return {"status": "ok"}
+        async def healthz(self) -> JSONResponse:
+            return JSONResponse({"status": "draining"}, 503) if self.draining else JSONResponse({"status": "ok"})
 
         @api.get("/metadata")
         async def metadata(self) -> dict[str, Any]:
@@ -168,19 +303,12 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
                     "max_batch_size": self.max_batch_size}
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def infer(self, requests: list[list[str]]) -> list[list[dict[str, Any]]]:
+        async def infer(self, requests: list[list[str]]) -> list[list[dict[str, Any]] | Exception]:
             """One call per request; the texts of all requests in the batch go through forwards of
             at most max_batch_size texts, in a thread so /healthz stays responsive meanwhile."""
-            flat = [t for texts in requests for t in texts]
             loop = asyncio.get_running_loop()
-            rows: list[dict[str, Any]] = []
-            for i in range(0, len(flat), self.max_batch_size):
-                rows += await loop.run_in_executor(None, self.predictor.predict_texts, flat[i:i + self.max_batch_size])
-            out, at = [], 0
-            for texts in requests:
-                out.append(rows[at:at + len(texts)])
-                at += len(texts)
-            return out
+            return await loop.run_in_executor(None, predict_each, self.predictor.predict_texts, requests,
+                                              self.max_batch_size)
 
     scaling: dict[str, Any] = {"num_replicas": opts.replicas}
     if opts.max_replicas and opts.max_replicas > opts.replicas:
@@ -229,8 +357,12 @@ def check_options(opts: ServeOptions) -> None:
     if opts.max_replicas is not None and opts.max_replicas < opts.replicas:
         raise UserError(f"--max-replicas {opts.max_replicas} is below --replicas {opts.replicas}; "
                         f"it is the autoscaling upper bound")
-    if opts.cpus_per_replica <= 0:
+    if opts.port > 65535:
+        raise UserError(f"--port {opts.port} must be <= 65535")
+    if not opts.cpus_per_replica > 0 or not math.isfinite(opts.cpus_per_replica):  # NaN fails every comparison
         raise UserError(f"--cpus-per-replica {opts.cpus_per_replica} must be > 0 (fractions such as 0.5 are fine)")
+    if not opts.batch_wait_timeout_s >= 0 or not math.isfinite(opts.batch_wait_timeout_s):
+        raise UserError(f"--batch-wait-ms {opts.batch_wait_timeout_s * 1000} must be >= 0")
 
 
 def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
@@ -257,6 +389,9 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
     try:
         if on_connected:
             on_connected()
+        global _board
+        _board = ray.remote(num_cpus=0)(DrainBoard).options(name=DRAIN_BOARD, namespace=DRAIN_NAMESPACE,
+                                                               get_if_exists=True).remote()
         gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (
             1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
         serve.start(http_options={"host": opts.host, "port": opts.port})
@@ -280,12 +415,35 @@ def check_port_free(host: str, port: int) -> None:
                             f"or stop what uses it") from None
 
 
+_board: Any = None  # the DrainBoard actor start() made; kept referenced so that it lives
+
+
+def drain(timeout_s: float) -> None:
+    """Replicas answer new requests 503 and finish those they run; returns when none runs any more
+    (or after ``timeout_s``)."""
+    import ray
+
+    if _board is None:
+        return
+    ray.get(_board.drain.remote())
+    deadline = time.monotonic() + timeout_s
+    time.sleep(2 * DRAIN_POLL_S)  # every replica polls once, sees the flag and reports after it
+    while not ray.get(_board.drained.remote()) and time.monotonic() < deadline:
+        time.sleep(DRAIN_POLL_S)
+    time.sleep(DRAIN_GRACE_S)
+
+
 def stop(started_ray: bool) -> None:
-    """Drain and stop: Serve lets running requests finish (graceful_shutdown_timeout_s), then Ray."""
+    """Stop Serve, then Ray when started here. Serve kills its proxies at once, dropping requests in
+    flight: ``ftdist serve`` calls ``drain`` first."""
     import ray
     from ray import serve
 
+    global _board
     serve.shutdown()
+    if _board is not None:
+        ray.kill(_board)
+        _board = None
     if started_ray:
         ray.shutdown()
 
@@ -306,7 +464,10 @@ def run_until_signalled(opts: ServeOptions) -> int:
         stop_event.wait()
     finally:
         _stderr("stopping: draining requests, then shutting down")
-        stop(started)
+        try:
+            drain(opts.graceful_shutdown_timeout_s)
+        finally:
+            stop(started)
     _stderr("stopped")
     return 0
 

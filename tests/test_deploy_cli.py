@@ -47,7 +47,6 @@ def cases(w: dict) -> list[tuple[list[str], str]]:
         (["serve", w["partial"]], "not a complete ftdist export"),
         (["serve", m, "--replicas", "0"], "--replicas 0 must be >= 1"),
         (["serve", m, "--replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --replicas 3"),
-        (["serve", m, "--cpus-per-replica", "0"], "--cpus-per-replica 0.0 must be > 0"),
     ]
 
 
@@ -128,3 +127,52 @@ def test_the_jsonl_row_rays_reader_failed_on_is_found(lines, reason, tmp_path):
     assert err is not None and str(err).startswith(f"input '{f}' {reason}"), err
     f.write_text(lines[0] + "\n")
     assert _bad_jsonl_row(Source("jsonl", [str(f)], "id", "text", None, False), opts) is None
+
+
+def test_request_parser_refuses_unencodable_text_and_over_long_numbers():
+    limits = Limits(max_texts=2, max_text_chars=500)  # a body limit of 13 kB: room for 5,000 digits
+    for body, status, reason in [(b'{"text": "\\ud800a"}', 422, "'text' cannot be encoded as UTF-8"),
+                                 (b'{"texts": ["a", "b\\udfff"]}', 422, "texts[1] cannot be encoded as UTF-8"),
+                                 (b'{"texts": [' + b"9" * 5000 + b"]}", 422, "a number too long to read")]:
+        with pytest.raises(RequestError) as e:
+            parse_request(body, limits)
+        assert e.value.status == status and reason in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_body_limit_admits_every_request_within_the_text_limits():
+    # the worst case per character: an astral character as a 12-byte surrogate-pair escape
+    body = json.dumps({"texts": ["\U0001F600" * 10_000] * 64}).encode()
+    texts, single = parse_request(body, Limits())
+    assert len(texts) == 64 and not single and len(body) <= Limits().max_body_bytes
+
+
+def test_a_failing_request_fails_alone_in_a_batch(world):
+    from ftdist.inference import Predictor
+    from ftdist.serve import predict_each
+
+    p = Predictor(world["model"])
+    with pytest.raises(TypeError):  # what the tokenizer does with a lone surrogate: the whole batch fails
+        p.predict_texts(["good", "\ud800", "fine"])
+    out = predict_each(p.predict_texts, [["good"], ["\ud800"], ["fine", "ok"]], chunk=2)
+    assert isinstance(out[1], TypeError)
+    assert out[0] == p.predict_texts(["good"]) and out[2] == p.predict_texts(["fine", "ok"])
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--port", "70000"], "argument --port: 70000 is not a port (1-65535)"),
+    (["--port", "0"], "argument --port: 0 is not a port (1-65535)"),
+    (["--cpus-per-replica", "0"], "argument --cpus-per-replica: '0' is not a positive number"),
+    (["--cpus-per-replica", "nan"], "argument --cpus-per-replica: 'nan' is not a positive number"),
+    (["--cpus-per-replica", "inf"], "argument --cpus-per-replica: 'inf' is not a positive number"),
+    (["--batch-wait-ms", "-5"], "argument --batch-wait-ms: '-5' is not a number >= 0"),
+    (["--batch-wait-ms", "nan"], "argument --batch-wait-ms: 'nan' is not a number >= 0"),
+])
+def test_serve_flags_out_of_range_are_one_line_exit_2(world, capsys, flags, reason):
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(SystemExit) as e:  # argparse refuses them: no model is loaded, no Ray started
+        main(["serve", world["model"], *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("ftdist: error: ") and reason in err, err
+    assert ray.is_initialized() == ray_was_up

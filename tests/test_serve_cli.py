@@ -1,5 +1,6 @@
 """``ftdist serve`` as a user runs it: a subprocess that starts its own Ray cluster, answers HTTP on
-loopback, and on SIGTERM drains, shuts Serve and Ray down and exits 0, leaving no process behind."""
+loopback, and on SIGTERM drains (every request in flight answered, new ones 503), shuts Serve and
+Ray down and exits 0, leaving no process behind."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -22,7 +25,7 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, tiny_bert):
     model = export_tiny(tiny_bert, tmp_path / "run" / "model")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "serve", str(tmp_path / "run"), "--port", str(port),
-                             "--cpus-per-replica", "0.5", "--max-batch-size", "8"],
+                             "--cpus-per-replica", "0.5", "--max-batch-size", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -33,8 +36,25 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, tiny_bert):
         assert requests.get(f"{url}/metadata", timeout=30).json()["model"] == model
         family = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, Serve actors, ...
         assert family, "the local Ray cluster's processes should be children of ftdist serve"
-        proc.send_signal(signal.SIGTERM)
+        # 20 requests of 64 texts (seconds of work together, 2 texts per forward), SIGTERM while they run
+        body = {"texts": ["the car was great and the service was awful " * 3] * 64}
+
+        def send(_: int) -> int | str:
+            try:
+                return requests.post(f"{url}/predict", json=body, timeout=60).status_code
+            except requests.RequestException as e:  # a dropped request: what the drain must prevent
+                return type(e).__name__
+        with ThreadPoolExecutor(20) as pool:
+            in_flight = [pool.submit(send, i) for i in range(20)]
+            time.sleep(0.5)
+            assert sum(not f.done() for f in in_flight) >= 10, "too few requests still running at SIGTERM"
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            late = requests.post(f"{url}/predict", json={"text": "awful"}, timeout=60)  # while draining
+            answers = [f.result() for f in in_flight]
         _, err = proc.communicate(timeout=90)
+        assert answers == [200] * 20, answers
+        assert late.status_code == 503 and "draining" in late.json()["error"], late.text
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -45,3 +65,20 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, tiny_bert):
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+def test_adversarial_load_then_sigterm_fails_no_good_request_and_drops_none(tmp_path, tiny_bert):
+    """bench/serve_load.py on a small budget: 8 clients for 8 s, 10% adversarial, SIGTERM under load."""
+    import json
+    from pathlib import Path
+
+    model = export_tiny(tiny_bert, tmp_path / "run" / "model")
+    out = tmp_path / "load.json"
+    p = subprocess.run([sys.executable, "-m", "bench.serve_load", "--model", model, "--concurrency", "8",
+                        "--seconds", "8", "--cpus", "0.5", "--json", str(out)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["good"] > 50 and r["bad"] > 5, r
+    assert r["good_failed"] == {} and r["bad_not_4xx"] == {} and r["dropped_at_sigterm"] == {}, r
+    assert r["exit_code"] == 0, r["stderr_tail"]
