@@ -176,6 +176,19 @@ def base_config(model_path: str, data_path: str, storage_path: str, **sections) 
     return cfg
 
 
+@pytest.fixture(scope="module")
+def ray_module():
+    """A Ray of 2 CPUs for one test module (started here unless one is already up; stopped after it)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One in-process local Ray cluster (2 CPUs) shared by the in-process end-to-end tests."""

@@ -27,18 +27,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_module():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert, ray_module) -> dict:
     """One epoch on 300 rows (1 worker); the data keeps its text so the service can be sent it."""
     from ftdist.data.prepare import prepare

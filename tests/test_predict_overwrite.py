@@ -24,18 +24,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_module():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory, tiny_bert) -> str:
     return export_tiny(tiny_bert, tmp_path_factory.mktemp("overwrite") / "run" / "model")
 
