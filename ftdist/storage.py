@@ -287,8 +287,8 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
     Local: copy to a sibling temp folder, then exchange it with the old folder in one atomic rename
     (Linux ``renameat2``), so a reader sees the old folder or the new one, never none. Object stores
     have no rename, so the file named ``last`` (a completion marker such as a manifest) is uploaded only
-    after every other file, and files of the previous version that the new one lacks are removed after
-    it; readers check the marker (model exports also list their files in it: ``export_files``).
+    after every other file, and (with ``last``) files of the previous version that the new one lacks are
+    removed after it; readers check the marker (model exports also list their files in it: ``export_files``).
     """
     fs, path = filesystem(uri, cfg)
     if not is_remote(uri):
@@ -307,7 +307,9 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
         except FileNotFoundError:
             return set()
 
-    before = retrying(existing, uri, "listing", cfg)
+    # Only a versioned publish (one with a completion marker: exports, data splits) replaces the folder's
+    # content; without one (TensorBoard's event files) files of earlier processes stay.
+    before = retrying(existing, uri, "listing", cfg) if last is not None else set()
     files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*") if p.is_file())
     if last in files:
         files.remove(last)

@@ -60,6 +60,19 @@ def test_a_replaced_export_on_s3_is_fetched_anew(two_exports, s3_server, s3_buck
     assert len([d for d in os.listdir(os.path.join(cache, "models")) if not d.endswith(".lock")]) == 1
 
 
+def test_an_upload_without_a_marker_keeps_the_files_already_there(s3_server, s3_bucket, tmp_path):
+    """TensorBoard's folder of a resumed run on S3 gets each process's event file: publishing the new one
+    must not delete the earlier process's (only a versioned publish, with a marker, replaces a folder)."""
+    st = StorageSection(endpoint_url=s3_server.endpoint)
+    uri = f"{s3_bucket}/run/tensorboard"
+    for name in ("events.first", "events.second"):
+        local = tmp_path / name
+        local.mkdir()
+        (local / name).write_text(name)
+        storage.upload_dir(str(local), uri, st)
+    assert storage.listdir(uri, st) == ["events.first", "events.second"]
+
+
 def test_a_half_replaced_export_on_s3_is_never_loaded(two_exports, s3_server, s3_bucket, cache, monkeypatch):
     a, b = two_exports
     st = StorageSection(endpoint_url=s3_server.endpoint)
