@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 from ftdist import run_folder as layout
@@ -101,9 +102,21 @@ class TensorBoardTracker(Tracker):
             shutil.rmtree(self.local, ignore_errors=True)
 
     def _publish(self) -> None:
+        self._drain()
         self.writer.flush()
         if self.remote:
             storage.upload_dir(self.local, self.uri, self.cfg.storage)
+
+
+    def _drain(self, timeout_s: float = 5.0) -> None:
+        """Wait until tensorboardX's writer thread has taken every queued event. Why: its ``flush()`` only
+        flushes what that thread already wrote, so a trial stopped right after its epoch report (ASHA kills
+        the actor) lost that epoch's scalars (tests/test_sweep.py saw a 2-epoch trial with one epoch)."""
+        q = getattr(getattr(self.writer.file_writer, "event_writer", None), "_event_queue", None)
+        deadline = time.monotonic() + timeout_s
+        while q is not None and not q.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)  # the event the thread took last: written before the flush below
 
 
 def hyperparameters(cfg: RunConfig) -> dict[str, Any]:

@@ -152,3 +152,29 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint_of_it(tiny_bert, cls_dat
         train_worker(_config(str(model), cls_data, tmp_path / "runs", "nan", checkpoint_every_steps=every), session)
     assert session.reports == []  # no checkpoint of diverged weights, no NaN train_loss reported
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []
+
+
+_KILLED_AFTER_PUBLISH = """
+import os, signal, sys
+from tensorboardX import SummaryWriter
+from ftdist.tracking import TensorBoardTracker
+t = object.__new__(TensorBoardTracker)
+t.writer, t.remote = SummaryWriter(sys.argv[1], flush_secs=30), False
+for i in range(200):
+    t.writer.add_scalar("x", float(i), i)
+t._publish()
+os.kill(os.getpid(), signal.SIGKILL)  # as ASHA stops a trial right after its epoch report
+"""
+
+
+def test_scalars_published_at_an_epoch_end_survive_a_kill_right_after(tmp_path):
+    """tensorboardX's flush() only flushes what its writer thread already took from the queue: a trial
+    killed right after its epoch report lost that epoch (tests/test_sweep.py: a 2-epoch ASHA trial with
+    one epoch in TensorBoard). Publishing waits for the queue to drain first."""
+    import subprocess
+    import sys
+
+    for attempt in range(3):
+        out = tmp_path / f"tb{attempt}"
+        subprocess.run([sys.executable, "-c", _KILLED_AFTER_PUBLISH, str(out)], check=False, timeout=120)
+        assert len(read_scalars(out).get("x", [])) == 200
