@@ -299,17 +299,9 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
         swap_in_local_dir(tmp, path)
         return
     root = path.rstrip("/")
-
-    def existing() -> set[str]:
-        fs.invalidate_cache(root)
-        try:
-            return {os.path.relpath(str(f), root) for f in fs.find(root)}
-        except FileNotFoundError:
-            return set()
-
     # Only a versioned publish (one with a completion marker: exports, data splits) replaces the folder's
     # content; without one (TensorBoard's event files) files of earlier processes stay.
-    before = retrying(existing, uri, "listing", cfg) if last is not None else set()
+    before = set(retrying(lambda: _relative_files(fs, root), uri, "listing", cfg)) if last is not None else set()
     files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*") if p.is_file())
     if last in files:
         files.remove(last)
@@ -321,6 +313,16 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageSection, last: str | None =
     stale = sorted(before - set(files))
     if stale:
         retrying(lambda: fs.rm([f"{root}/{rel}" for rel in stale]), uri, "removing the previous version's files", cfg)
+
+
+def _relative_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Paths of every object under the remote prefix ``root``, relative to it, fresh (no listing cache)."""
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    try:
+        return sorted(str(f)[len(root) + 1:] for f in fs.find(root) if not str(f).endswith("/"))
+    except FileNotFoundError:
+        return []
 
 
 def swap_in_local_dir(new: str, path: str) -> None:
@@ -383,15 +385,8 @@ def replace_dir(staged: str, uri: str, cfg: StorageSection, last: str) -> None:
             os.remove(old)
         return
 
-    def names(prefix: str) -> list[str]:
-        fs.invalidate_cache(prefix)
-        try:
-            return sorted(str(f)[len(prefix) + 1:] for f in fs.find(prefix) if not str(f).endswith("/"))
-        except FileNotFoundError:
-            return []
-
-    new = retrying(lambda: names(src), staged, "listing", cfg)
-    old_names = retrying(lambda: names(path), uri, "listing", cfg)
+    new = retrying(lambda: _relative_files(fs, src), staged, "listing", cfg)
+    old_names = retrying(lambda: _relative_files(fs, path), uri, "listing", cfg)
     if last in old_names:
         retrying(lambda: fs.rm_file(f"{path}/{last}"), join_uri(uri, last), "removing", cfg)
     for rel in [n for n in new if n != last]:
