@@ -340,6 +340,12 @@ class RunConfig(Section):
         if self.model.lora is not None and self.model.lora.export == "adapter":
             raise ValueError("model.lora.export: adapter is not built for a multi-task run (its tasks export "
                              "merged models); use export: merged, or remove it")
+        # The multi-task loop reads neither (no per-task class weights, no compiled model): refused, not ignored.
+        if self.train.class_weights is not None:
+            raise ValueError("train.class_weights is not built for a multi-task run (its heads train on unweighted "
+                             "losses); remove it, or weight a task with tasks[].loss_weight")
+        if self.train.compile:
+            raise ValueError("train.compile is not built for a multi-task run; remove it (or set it to false)")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name == "multitask":

@@ -88,6 +88,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def check_data(cfg: RunConfig) -> dict[str, Any]:
+    """Prepare the run's data set(s) if asked and check them against the config before Ray starts:
+    each task's for a multi-task run. The one entry for `ftdist train` and a sweep's base config alike
+    (a sweep that checked only single-task data let a multi-task base with a missing task start trials)."""
+    if cfg.tasks:
+        return multitask_preflight(cfg)
+    prepare_data_if_needed(cfg)
+    return preflight(cfg)
+
+
 def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, Any]:
     """Train (or resume, or report a finished) run; returns the summary."""
     started_at = started_at or time.time()
@@ -100,11 +110,7 @@ def run_training(cfg: RunConfig, started_at: float | None = None) -> dict[str, A
             print(f"[ftdist] run '{cfg.run.name}' already completed; nothing to do (summary: "
                   f"{join_uri(run_uri, layout.SUMMARY)})")
             return summary
-        if cfg.tasks:
-            facts = multitask_preflight(cfg)
-        else:
-            prepare_data_if_needed(cfg)
-            facts = preflight(cfg)
+        facts = check_data(cfg)
         # After the checks (a refused config writes nothing), before anything is written: one driver per folder.
         lease = run_lease.acquire(run_uri, cfg.storage)
     try:

@@ -53,20 +53,26 @@ CASES = {
     # LoRA goes into the shared encoder: a target outside it (the head) is refused, as is an adapter export
     "lora-target-outside-encoder": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
                                     "model.lora.target_modules: 'classifier' is not a module",
-                                    {"lora": {"target_modules": ["classifier"]}}),
+                                    {"model": {"lora": {"target_modules": ["classifier"]}}}),
     "lora-adapter-export": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
                             "model.lora.export: adapter is not built for a multi-task run",
-                            {"lora": {"export": "adapter"}}),
+                            {"model": {"lora": {"export": "adapter"}}}),
+    # keys the multi-task loop does not read: refused rather than silently ignored
+    "class-weights": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
+                      "train.class_weights is not built for a multi-task run", {"train": {"class_weights": "balanced"}}),
+    "compile": (lambda d: [{"name": "a", "data": {"path": d["cls"]}}],
+                "train.compile is not built for a multi-task run", {"train": {"compile": True}}),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_multitask_config_is_one_line_exit_2_before_training(name, tiny_bert, cls_data, clm_data, reg_data,
                                                                   tmp_path, capsys):
-    tasks, fragment, *model = CASES[name]
+    tasks, fragment, *sections = CASES[name]
     raw = mt_config(tiny_bert, tasks({"cls": cls_data, "clm": clm_data, "reg": reg_data, "root": str(tmp_path)}),
                     tmp_path)
-    raw["model"].update(*model)
+    for section, updates in (sections[0] if sections else {}).items():
+        raw[section].update(updates)
     code, lines = run_cli(raw, tmp_path, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ftdist: error:"), lines
     assert fragment in lines[0], lines[0]
@@ -148,3 +154,19 @@ def test_a_sweep_samples_the_temperature_and_loss_weights_into_each_trials_confi
     bad = {**space, "multitask.temperature": {"uniform": [0.5, 5.0]}}  # T < 1 is not a temperature the run takes
     with pytest.raises(UserError, match="space 'multitask.temperature' value 0.5"):
         resolve_sweep(load_sweep_spec(data={"name": "s", "base": {"config": base}, "space": bad}))
+
+
+def test_a_multitask_sweep_checks_every_tasks_data_before_any_trial(tiny_bert, cls_data, tmp_path, capsys):
+    """The sweep driver runs the same data checks as `ftdist train` on a multi-task base config: a
+    missing second task's data set is one line, exit 2, before Ray starts or the sweep folder is made."""
+    base = mt_config(tiny_bert, [{"name": "a", "data": {"path": cls_data}},
+                                 {"name": "b", "data": {"path": str(tmp_path / "nope")}}], tmp_path)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "base": {"config": base}, "storage_path": str(tmp_path / "sweeps"),
+                                    "space": {"train.learning_rate": {"choice": [1e-4, 2e-4]}}}))
+    code = main(["tune", str(spec)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "tasks[1] ('b')" in lines[0] and "does not exist" in lines[0], lines[0]
+    assert not (tmp_path / "sweeps").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftdist.config import RunConfig
+from ftdist.errors import UserError
 from ftdist.metrics import majority_baseline, mean_predictor_rmse
 from ftdist.multitask.spec import check_task_data, task_views
 from ftdist.preflight import preflight, prepare_data_if_needed
@@ -22,11 +23,18 @@ def multitask_preflight(cfg: RunConfig) -> dict[str, Any]:
     check_lora_config(cfg.model, resolve_model_path(cfg.model.path, cfg.storage), shared_encoder=True)
     per_task: dict[str, Any] = {}
     for i, (task, view) in enumerate(task_views(cfg)):
-        prepare_data_if_needed(view, task.type)
-        names = check_task_data(cfg, i, task)
-        if names:
-            view.model.num_labels = len(names)
-        per_task[task.name] = {**preflight(view, task.type), "type": task.type}
+        where = f"tasks[{i}] ('{task.name}')"
+        try:
+            prepare_data_if_needed(view, task.type)
+            names = check_task_data(cfg, i, task)
+            if names:
+                view.model.num_labels = len(names)
+            per_task[task.name] = {**preflight(view, task.type), "type": task.type}
+        except UserError as e:  # the single-task checks name data.path: say which task's it is
+            msg = str(e)
+            if not msg.startswith(where):
+                msg = f"{where}: " + msg.replace("data.path", f"tasks[{i}].data.path")
+            raise UserError(msg) from None
     first = next(iter(per_task.values()))
     return {**first, "tasks": per_task}
 

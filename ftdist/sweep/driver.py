@@ -109,7 +109,7 @@ def plan_concurrency(rs: ResolvedSweep, local: bool) -> tuple[int, dict[str, flo
 def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run (or resume) a checked sweep (:func:`ftdist.sweep.spec.resolve_sweep`) and write its
     outputs; returns the sweep summary."""
-    from ftdist.preflight import preflight, prepare_data_if_needed
+    from ftdist.launcher import check_data
     from ftdist.ray_cluster import connect_ray
     from ftdist.sweep.report import collect_trials, write_outputs
     from ftdist.sweep.space import describe, total_trials
@@ -118,8 +118,7 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
     spec = rs.spec
     cfg = rs.base_config.resolved()
     state = check_sweep_folder(rs, resume)
-    prepare_data_if_needed(cfg)
-    preflight(cfg)
+    check_data(cfg)
     addr = address or cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     connect_ray(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(
         update={"address": addr, "local_num_cpus": local_cluster_cpus(cfg)})}))
