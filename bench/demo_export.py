@@ -69,5 +69,27 @@ def rss_tree(pid: int) -> int:
     return total
 
 
+def rss_by_role(pid: int) -> dict[str, int]:
+    """Resident memory of a process tree by role, in bytes: Serve's proxy, replicas and controller,
+    Ray's own processes (GCS, raylet, agents, idle workers) and the command itself."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    roles: dict[str, int] = {}
+    for p in procs:
+        try:
+            title = " ".join(p.cmdline()) or p.name()
+            rss = p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        role = ("command" if p.pid == pid else "proxy" if "ProxyActor" in title else
+                "replica" if "ServeReplica" in title else "controller" if "ServeController" in title else "ray")
+        roles[role] = roles.get(role, 0) + rss
+    return roles
+
+
 def bench_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}

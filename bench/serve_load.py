@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.demo_export import bench_env, demo_export, demo_texts, rss_tree
+from bench.demo_export import bench_env, demo_export, demo_texts, rss_by_role, rss_tree
 from bench.serve import OUT, free_port, wait_healthy
 
 CHUNKED = "chunked oversized body"
@@ -74,6 +74,7 @@ async def load(url: str, port: int, proc: subprocess.Popen, args: argparse.Names
                            "dropped": Counter(), "after_sigterm": Counter()}
     sigterm_at: list[float] = []
     rss: dict[str, int] = {}
+    roles: dict[str, dict[str, int]] = {}
 
     async def one(session: Any, rng: random.Random) -> None:
         bad = rng.random() < args.bad_fraction
@@ -111,9 +112,9 @@ async def load(url: str, port: int, proc: subprocess.Popen, args: argparse.Names
         until = [float("inf")]
         clients = [asyncio.create_task(client(i, session, until)) for i in range(args.concurrency)]
         await asyncio.sleep(min(5.0, args.seconds / 4))  # warm: the replica's buffers and caches are filled
-        rss["start"] = rss_tree(proc.pid)
+        rss["start"], roles["start"] = rss_tree(proc.pid), rss_by_role(proc.pid)
         await asyncio.sleep(args.seconds - min(5.0, args.seconds / 4))
-        rss["end"] = rss_tree(proc.pid)
+        rss["end"], roles["end"] = rss_tree(proc.pid), rss_by_role(proc.pid)
         sigterm_at.append(time.monotonic())
         proc.send_signal(signal.SIGTERM)
         while proc.poll() is None and time.monotonic() - sigterm_at[0] < 90:
@@ -125,6 +126,8 @@ async def load(url: str, port: int, proc: subprocess.Popen, args: argparse.Names
             "bad_not_4xx": dict(out["bad_not_4xx"]), "dropped_at_sigterm": dict(out["dropped"]),
             "after_sigterm": dict(out["after_sigterm"]), "rss_start_mib": rss["start"] >> 20,
             "rss_end_mib": rss["end"] >> 20, "rss_growth_mib": (rss["end"] - rss["start"]) >> 20,
+            "rss_growth_mib_by_role": {k: (roles["end"].get(k, 0) - roles["start"].get(k, 0)) >> 20
+                                       for k in sorted({*roles["start"], *roles["end"]})},
             "exit_code": proc.returncode, "stop_s": round(time.monotonic() - sigterm_at[0], 1)}
 
 

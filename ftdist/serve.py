@@ -382,7 +382,11 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         from ftdist.ray_cluster import init_ray  # the one ray.init: local mode never joins a recorded cluster
+        from ftdist.serve_proxy import proxy_environment
 
+        # Inherited by every process of the cluster started here: its HTTP proxy refuses a body past the
+        # limit while reading it, not after queueing it for the replica (ftdist/serve_proxy.py).
+        os.environ.update(proxy_environment(opts.limits.max_body_bytes))
         init_ray(address, {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
                  logging_level=logging.WARNING)
         started = True

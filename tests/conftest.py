@@ -35,6 +35,21 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
+#: The request limits of the tests' in-process Serve applications (tests/test_serve_http.py, test_deploy.py).
+SERVE_LIMITS = {"max_texts": 8, "max_text_chars": 2000}
+
+
+def _serve_proxy_environment() -> dict[str, str]:
+    """What `ftdist serve` puts in the environment of the Ray cluster it starts, for these limits: every
+    Ray cluster the tests start in-process (whichever test starts it) has the same HTTP proxies."""
+    from ftdist.serve import Limits
+    from ftdist.serve_proxy import proxy_environment
+
+    return proxy_environment(Limits(**SERVE_LIMITS).max_body_bytes)
+
+
+os.environ.update(_serve_proxy_environment())
+
 WORDS = {0: ["awful", "bad", "terrible", "hate"], 1: ["okay", "fine", "average", "neutral"],
          2: ["great", "good", "love", "excellent"]}
 NAMES = ["negative", "neutral", "positive"]

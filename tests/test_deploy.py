@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import NAMES, base_config, free_port, synthetic_rows, write_jsonl
+from conftest import NAMES, SERVE_LIMITS, base_config, free_port, synthetic_rows, write_jsonl
 from exports import wait_until_healthy
 from ftdist.config import PrepareSection, StorageSection, load_config
 from ftdist.errors import UserError
@@ -52,7 +52,7 @@ def service(trained) -> str:
 
     port = free_port()
     opts = ServeOptions(model=trained["run"], port=port, cpus_per_replica=0.5, max_batch_size=16,
-                        limits=Limits(max_texts=8, max_text_chars=2000))
+                        limits=Limits(**SERVE_LIMITS))
     _, started = start(opts, say=lambda _: None)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, 60)

@@ -85,3 +85,21 @@ def test_serve_config_builds_ftdist_s_application_from_s3(service, tmp_path, tin
         builder({**app["args"], "model": str(tmp_path / "empty")})
     with pytest.raises(UserError, match="unknown 'replica'"):
         builder({"model": local, "replica": 2})
+
+
+def test_every_node_s_proxy_refuses_bodies_past_the_replicas_limit(service):
+    """Serve runs a proxy on every node (proxy_location EveryNode): each Ray container carries the
+    proxy callback and the body limit that the application's text limits give the replicas."""
+    from ftdist.serve import Limits
+    from ftdist.serve_proxy import proxy_environment
+
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["proxy_location"] == "EveryNode"
+    args = config["applications"][0]["args"]
+    want = proxy_environment(Limits(max_texts=args["max_texts"], max_text_chars=args["max_text_chars"]).max_body_bytes)
+    spec = service["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for tpl in templates:
+        for c in tpl["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert {k: env.get(k) for k in want} == want, c["name"]

@@ -1,0 +1,127 @@
+"""The HTTP proxy's body limit (ftdist/serve_proxy.py) on a real uvicorn server and real sockets.
+
+The middleware wraps an app that reads every body to the end (as Ray Serve's proxy does, queueing it
+for the replica): a body past the limit, declared or chunked, gets a one-line 413 from the
+middleware and the rest is never read. The same middleware inside a real Ray Serve proxy is
+tests/test_serve_http.py's chunked-body test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+
+from conftest import free_port
+from ftdist.serve_proxy import BodyLimit, proxy_environment, proxy_middlewares
+
+LIMIT = 1 << 20
+
+
+async def read_everything(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """Reads the whole body (like Ray Serve's proxy), then answers with its length."""
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"read": size}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """``app`` served by uvicorn on a free loopback port (in a thread) while the block runs."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def send_chunked(port: int, total: int, piece: int = 64 * 1024) -> tuple[int, str, int]:
+    """A chunked POST of ``total`` bytes written while the answer is awaited: (status, body, bytes sent in all)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sent = [0]
+
+    def pump() -> None:
+        chunk = b"%x\r\n" % piece + b"x" * piece + b"\r\n"
+        try:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while sent[0] < total:
+                sock.sendall(chunk)
+                sent[0] += piece
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:  # closed by the server after its answer
+            pass
+
+    writer = threading.Thread(target=pump, daemon=True)
+    writer.start()
+    try:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read().decode()
+    finally:
+        sock.close()
+        writer.join(30)
+    return response.status, body, sent[0]
+
+
+def test_a_chunked_body_past_the_limit_is_refused_and_not_read():
+    total = 64 << 20
+    with running(read_everything) as port:  # the app alone reads all of it: the proxy without the middleware
+        assert send_chunked(port, total)[::2] == (200, total)
+    with running(BodyLimit(read_everything, LIMIT)) as port:
+        status, body, sent = send_chunked(port, total)
+    assert status == 413, (status, body[:300])
+    error = json.loads(body)["error"]
+    assert error.startswith(f"request body exceeds {LIMIT} bytes (the HTTP proxy stopped reading at ")
+    assert "\n" not in error
+    # what the client could still push into the two sockets' buffers, never the whole body
+    assert sent < LIMIT + (16 << 20), f"{sent} of {total} bytes were taken"
+
+
+def test_a_declared_length_past_the_limit_is_refused_from_the_header():
+    with running(BodyLimit(read_everything, LIMIT)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("POST", "/predict")
+        conn.putheader("Content-Length", str(LIMIT + 1))
+        conn.endheaders()  # no body sent: the answer comes from the header alone
+        r = conn.getresponse()
+        assert r.status == 413
+        assert json.loads(r.read())["error"] == (f"request body of {LIMIT + 1} bytes exceeds {LIMIT} "
+                                                  f"bytes (refused by the HTTP proxy)")
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/predict", body=b"x" * LIMIT)  # at the limit: read whole
+        r = conn.getresponse()
+        assert (r.status, json.loads(r.read())) == (200, {"read": LIMIT})
+        conn.close()
+
+
+def test_the_callback_reads_the_limit_from_the_environment(monkeypatch):
+    env = proxy_environment(12345)
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "ftdist.serve_proxy.proxy_middlewares"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    [middleware] = proxy_middlewares()
+    assert middleware.cls is BodyLimit and middleware.kwargs == {"limit": 12345}
+    monkeypatch.delenv("FTDIST_SERVE_MAX_BODY_BYTES")
+    assert proxy_middlewares() == []
