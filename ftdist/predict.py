@@ -3,7 +3,7 @@
 The pipeline: a streaming read of the input (JSONL, CSV, Parquet, or a split prepared by ``ftdist
 data prepare``; local or ``s3://``) -> batched inference on an autoscaling actor pool (each actor
 loads the model once; GPUs where the cluster has them) -> the driver writes the results as
-numbered Parquet shards and, last, ``ftdist_predict.json`` (the completion marker, as exports have).
+numbered Parquet shards and, last, ``_ftdist_predict.json`` (the completion marker, as exports have).
 
 Why the driver writes: an output row is tiny (id, label, a few scores) next to the model's work, so
 one writer costs little and gives an exact rows/s and ETA, numbered shards and a marker that is
@@ -40,7 +40,10 @@ from ftdist.redaction import redact_uri
 from ftdist.run_folder import RUN_MARKER, is_checkpoint
 
 log = logging.getLogger(__name__)
-PREDICT_MARKER = "ftdist_predict.json"  # written last: the output is complete
+# Written last: the output is complete. The '_' prefix makes Parquet readers (pyarrow datasets, pandas,
+# Spark) skip it, so the folder reads as a data set as it is; an earlier ftdist's name is still known.
+PREDICT_MARKER = "_ftdist_predict.json"
+EARLIER_PREDICT_MARKERS = ("ftdist_predict.json",)
 MANIFEST = "manifest.json"  # a prepared split's (ftdist.data.manifest owns the format)
 FORMATS = ("auto", "jsonl", "csv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -327,7 +330,8 @@ def check_output(opts: PredictOptions, info: ExportInfo) -> None:
     if not storage.retrying(lambda: fs.isdir(path), out, "listing", cfg):
         raise UserError(f"--output '{where}' is a file, not the folder of an earlier ftdist predict; nothing was "
                         f"removed: choose another --output")
-    foreign = [n for n in storage.listdir(out, cfg) if n != PREDICT_MARKER and not PREDICT_FILE.match(n)]
+    foreign = [n for n in storage.listdir(out, cfg)
+               if n not in (PREDICT_MARKER, *EARLIER_PREDICT_MARKERS) and not PREDICT_FILE.match(n)]
     if foreign:
         raise UserError(f"--output '{where}' holds files ftdist predict did not write ({', '.join(map(repr, foreign[:3]))}"
                         f"{', ...' if len(foreign) > 3 else ''}); nothing was removed: choose another --output")
@@ -405,7 +409,7 @@ def pool_size(opts: PredictOptions, resources: dict[str, float]) -> tuple[int, f
 
 def run_predict(opts: PredictOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score ``opts.input`` into ``opts.output``; returns the completion record (also written as
-    ``ftdist_predict.json``). Starts a local Ray cluster unless one is connected or addressed."""
+    ``_ftdist_predict.json``). Starts a local Ray cluster unless one is connected or addressed."""
     info = locate_export(opts.model, opts.storage)  # before Ray: an incomplete folder is refused at once
     source = inspect_input(opts)
     check_output(opts, info)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -121,13 +122,16 @@ def test_failing_or_interrupted_rerun_leaves_the_previous_local_output(model, ra
     assert run_predict(again, progress=lambda _: None)["rows"] == 5  # the rerun replaces the output
     assert sorted(_ids(out)) == list(range(5)) and sorted(_files(out)) == [
         PREDICT_MARKER, "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    # the folder is a Parquet data set as it is: readers skip the marker ('_' prefix), as pandas does
+    assert pq.read_table(str(out)).num_rows == 5 and len(pd.read_parquet(str(out))) == 5
     _no_staging_left(tmp_path)
 
 
 def test_failing_rerun_leaves_the_previous_s3_output(model, ray_module, s3_server, s3_bucket, tmp_path):
     fs = s3_server.fs()
     bucket = s3_bucket.removeprefix("s3://")
-    old = {"part-00000.parquet": b"old shard 0", "part-00001.parquet": b"old shard 1", PREDICT_MARKER: b"{}"}
+    # an earlier ftdist's output (its marker had no '_' prefix) is replaced like any other
+    old = {"part-00000.parquet": b"old shard 0", "part-00001.parquet": b"old shard 1", "ftdist_predict.json": b"{}"}
     for name, data in old.items():
         fs.pipe(f"{bucket}/scored/{name}", data)
     rows = tmp_path / "rows.jsonl"
@@ -148,7 +152,7 @@ def test_failing_rerun_leaves_the_previous_s3_output(model, ray_module, s3_serve
     run_predict(PredictOptions(model=model, input=str(rows), output=f"{s3_bucket}/scored/", overwrite=True,
                                cpus_per_worker=0.5, storage=cfg), progress=lambda _: None)
     new = snapshot()
-    assert sorted(new) == ["ftdist_predict.json", "part-00000.parquet"]  # the stale shard is gone
+    assert sorted(new) == [PREDICT_MARKER, "part-00000.parquet"]  # the stale shard is gone
     assert json.loads(new[PREDICT_MARKER])["rows"] == 3
     fs.get(f"{bucket}/scored/part-00000.parquet", str(tmp_path / "p.parquet"))
     assert sorted(pq.read_table(tmp_path / "p.parquet").column("id").to_pylist()) == ["r0", "r1", "r2"]

@@ -229,7 +229,7 @@ def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tin
         t0 = time.monotonic()
         q = _ftdist(workdir, *shlex.split(PREDICT_SPLIT)[1:], env=env, timeout=300)
         assert q.returncode == 0, (q.stdout + q.stderr)[-3000:]
-        done = json.loads((workdir / "runs" / "demo-test-scored" / "ftdist_predict.json").read_text())
+        done = json.loads((workdir / "runs" / "demo-test-scored" / "_ftdist_predict.json").read_text())
         assert done["rows"] == summary["rows"]["test"] > 0, (done, summary["rows"])
 
         fs = s3_server.fs()
@@ -239,7 +239,7 @@ def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tin
         r = _ftdist(workdir, *shlex.split(PREDICT_S3)[1:], env={**env, "AWS_ENDPOINT_URL": s3_server.endpoint},
                     timeout=300)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-        assert json.loads(fs.cat("corp/scored/tickets/ftdist_predict.json"))["rows"] == 40
+        assert json.loads(fs.cat("corp/scored/tickets/_ftdist_predict.json"))["rows"] == 40
 
         t1 = time.monotonic()
         _serve_and_curl(workdir, env)
