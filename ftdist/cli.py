@@ -245,9 +245,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from ftdist.config import dump_config, load_config
+    from ftdist.config import load_config, show_config
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    print(show_config(load_config(args.config, args.overrides)), end="")
     return 0
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ftdist.errors import UserError
 from ftdist.overrides import apply_overrides, known_paths, read_yaml, validation_message
-from ftdist.redaction import has_env_ref, redact, resolve_env_refs
+from ftdist.redaction import has_env_ref, redact, redact_uri, resolve_env_refs
 from ftdist.uri import absolute_local_path, is_uri, join_uri
 
 TASKS = ("sequence-classification", "causal-lm", "masked-lm")
@@ -545,3 +545,22 @@ def dump_config(cfg: RunConfig) -> str:
     """The fully resolved config (defaults and ``--set`` applied; ``${env:...}`` references kept,
     secrets redacted) as YAML: what goes into the run folder and loads back to the same run."""
     return yaml.safe_dump(config_record(cfg), sort_keys=False)
+
+
+def show_config(cfg: RunConfig) -> str:
+    """:func:`dump_config` for a person (``ftdist config``): a key left null whose value follows from
+    other keys carries that value as a comment. Comments, not values: the printed YAML loads back
+    to the same config, and so to the same run folder (its fingerprint)."""
+    derived = {
+        ("train", "eval_metric"): f"{cfg.eval_metric} (model.task {cfg.model.task}'s default)",
+        ("train", "eval_mode"): f"{cfg.eval_mode} ({cfg.eval_metric} is better {'higher' if cfg.eval_mode == 'max' else 'lower'})",
+        ("model", "tokenizer"): f"model.path's ({redact_uri(cfg.model.path)})",
+    }
+    out, section = [], ""
+    for line in dump_config(cfg).splitlines():
+        if line and not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        key = line.strip().split(":", 1)[0]
+        note = derived.get((section, key)) if line.startswith("  ") and not line.startswith("   ") else None
+        out.append(f"{line}  # {note}" if note is not None and line.endswith(": null") else line)
+    return "\n".join(out) + "\n"

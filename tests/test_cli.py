@@ -80,6 +80,13 @@ def test_config_show_redacts_and_resolves(tmp_path, tiny_bert, cls_data):
     shown = yaml.safe_load(proc.stdout)
     assert shown["train"]["learning_rate"] == 3e-5 and shown["storage"]["options"]["secret"] == "***"
     assert "hunter2" not in proc.stdout + proc.stderr
+    # a default that follows from other keys is shown with the value it takes, as a comment: the
+    # printed YAML still loads back to the same config (the same run folder)
+    lines = proc.stdout.splitlines()
+    assert "  eval_metric: null  # accuracy (model.task sequence-classification's default)" in lines, proc.stdout
+    assert "  eval_mode: null  # max (accuracy is better higher)" in lines, proc.stdout
+    assert f"  tokenizer: null  # model.path's ({tiny_bert})" in lines, proc.stdout
+    assert shown["train"]["eval_metric"] is None and shown["model"]["tokenizer"] is None
 
 
 # The process-level contract (exit status 2 and one stderr line from a real `ftdist` process) for a
