@@ -496,18 +496,33 @@ def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | 
     return apply_overrides(raw, overrides or [], accepts_key, KNOWN_PATHS)
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+def validate(raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(validation_message(e, source, KNOWN_PATHS)) from None
+        raise UserError(validation_message(e, blamed_source(e, source, overrides or []), KNOWN_PATHS)) from None
+
+
+def blamed_source(err: ValidationError, source: str, overrides: list[str]) -> str:
+    """Where the bad value came from: the ``--set KEY=VALUE`` that set the failing key (or that a
+    cross-key check names), else ``source`` (the YAML file). Naming the file for a value the user
+    typed on the command line sends them to look for it in the wrong place."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    for override in reversed(overrides):  # the last --set of a key is the one that counts
+        key = override.split("=", 1)[0].strip()
+        if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")):
+            return f"--set {override}"
+        if not loc and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", first["msg"]):
+            return f"--set {override}"
+    return source
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> RunConfig:
     """Read, override, validate, and make local paths absolute (Ray workers run elsewhere)."""
     raw = load_raw(path, overrides, data)
-    return absolutize_local_paths(validate(raw, str(path) if path else "config"))
+    return absolutize_local_paths(validate(raw, str(path) if path else "config", overrides))
 
 
 def absolutize_local_paths(cfg: RunConfig) -> RunConfig:

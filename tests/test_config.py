@@ -1,9 +1,12 @@
 """Schema validation, overrides, did-you-mean hints, redaction, fingerprints (no Ray needed)."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import base_config
 
 from ftdist.config import dump_config, load_config
 from ftdist.redaction import redact, resolve_env_refs
@@ -233,3 +236,20 @@ def test_fp16_without_loss_scaling_is_refused_before_anything_starts(stage, caps
     path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"path": "d"},
                                     "train": {"precision": "fp16"}, "deepspeed": {"zero_stage": 0}}))
     assert main(["config", str(path)]) == 0
+
+
+@pytest.mark.parametrize("override, says", [
+    ("train.epochs=abc", "--set train.epochs=abc: 'train.epochs': Input should be a valid integer"),
+    ("train.eval_metric=bogus", "--set train.eval_metric=bogus: train.eval_metric 'bogus' is not reported"),
+])
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_yaml_file(tmp_path, override, says):
+    """A value typed on the command line is named there; the file's own bad value still names the file."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(base_config("m", "d", str(tmp_path / "runs"))))
+    with pytest.raises(UserError) as caught:
+        load_config(str(path), overrides=["train.learning_rate=3e-5", override])
+    assert str(caught.value).startswith(says), str(caught.value)
+    bad = base_config("m", "d", str(tmp_path / "runs"), train={"epochs": "abc"})
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: 'train.epochs'"):
+        load_config(str(path), overrides=["train.learning_rate=3e-5"])
