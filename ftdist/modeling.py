@@ -346,7 +346,8 @@ def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
         log.info("task head of another size in the checkpoint, initialised new: %s", ", ".join(mismatched))
     missing = sorted(info.get("missing_keys") or [])
     # BERT's pooler is trained only by next-sentence prediction or a classification head: a masked-LM
-    # export (domain-adaptive pre-training, then the task) has none, and the classifier trains it.
+    # model has none (ftdist's masked-LM export carries the base model's, export.carry_base_pooler; one
+    # made elsewhere may lack it), and a base without one is no sign of the wrong model.
     foreign = [k for k in missing if k.split(".")[0] not in TASK_HEADS and ".pooler." not in f".{k}"]
     if foreign:
         log.warning("%d weight(s) are not in the checkpoint at %s and start random (%s%s); is model.path the "

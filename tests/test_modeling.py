@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import shutil
 
+import pytest
+
 from ftdist.config import ModelSection
 from ftdist.modeling import load_model
 
@@ -65,3 +67,33 @@ def test_the_attention_is_decided_before_loading_from_what_the_architecture_decl
     assert supported_attention(AutoModelForSequenceClassification, bert, "sdpa") == ("sdpa", None)
     assert supported_attention(AutoModelForSequenceClassification, bert, "eager") == ("eager", None)
     assert supported_attention(AutoModelForSequenceClassification, bert, None) == (None, None)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_a_masked_lm_export_gets_the_base_models_pooler(arch, tmp_path):
+    """carry_base_pooler: a classifier loaded from a masked-LM export starts from the base model's
+    pooler, not a random one; the encoder's prefix is found (bert., roberta.), nothing else changes."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from ftdist.export import carry_base_pooler
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "base")  # an encoder with its pooler
+    mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "base")
+    mlm.save_pretrained(tmp_path / "export")
+    before = (tmp_path / "export" / "model.safetensors").read_bytes()
+    _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", output_loading_info=True)
+    # what the export lacked (RoBERTa's classifier reads no pooler: carried anyway, unused)
+    assert any(".pooler." in k for k in info["missing_keys"]) == (arch == "bert")
+    added = carry_base_pooler(str(tmp_path / "export"), str(tmp_path / "base"))
+    assert added == [f"{arch}.pooler.dense.bias", f"{arch}.pooler.dense.weight"]
+    cls, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if ".pooler." in k]
+    base = AutoModel.from_pretrained(tmp_path / "base")
+    if arch == "bert":
+        assert torch.equal(cls.bert.pooler.dense.weight, base.pooler.dense.weight)
+    assert carry_base_pooler(str(tmp_path / "export"), str(tmp_path / "base")) == []  # once
+    assert len((tmp_path / "export" / "model.safetensors").read_bytes()) > len(before)

@@ -401,6 +401,14 @@ def test_pipeline_end_to_end_matrix_heatmap_and_resume(tmp_path, tiny_bert, ray_
     assert partial["status"] == "running" and partial["rows"] == ["dapt"]
     stage1 = _files(root / "stages" / "dapt")
     assert any(k.startswith("model/") for k in stage1)
+    # the masked-LM export keeps the base model's pre-trained pooler (its model class has none), so the
+    # task stage starts from it as a task fine-tuned on the base model directly would
+    import torch
+    from safetensors.torch import load_file
+
+    base = {k: v for k, v in load_file(str(Path(tiny_bert) / "model.safetensors")).items() if k.startswith("pooler.")}
+    exported = load_file(str(root / "stages" / "dapt" / "model" / "model.safetensors"))
+    assert base and all(torch.equal(exported[f"bert.{k}"], v) for k, v in base.items()), sorted(exported)[:5]
 
     # 2) rerun: stage 1 is kept as it is, stage 2 resumes from its checkpoint and finishes
     summary = run_pipeline(p)
