@@ -24,6 +24,8 @@ def _env_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # a log file or a pipe: no colour codes in it
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         import torch
 
