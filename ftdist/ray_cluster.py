@@ -69,7 +69,10 @@ def init_ray(address: str | None, local: dict[str, Any] | None = None, **common:
     """The one place ftdist calls ``ray.init`` (train, tune, predict, serve): see ``ray_init_kwargs``."""
     import ray
 
+    from ftdist.ray_noise import quiet_ray_noise
+
     ray.init(**ray_init_kwargs(address, local or {}, **common))
+    quiet_ray_noise()  # Ray's every-run lines that are not about the run stay out of its output
 
 
 def _free_port() -> int:

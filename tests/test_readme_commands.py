@@ -163,7 +163,8 @@ def test_multitask_data_script_as_written(workdir):
 # Running them
 
 NOISE = ("FutureWarning", "Writing model shards", "Loading weights", "Token authentication is enabled",
-         "Traceback", "\x1b[")  # the last: terminal colour codes in output that goes to a pipe
+         "Traceback", "\x1b[",  # terminal colour codes in output that goes to a pipe
+         "has constructor arguments in the object store", "Failed to query Ray Train Controller")  # ray_noise
 
 
 @pytest.fixture()
