@@ -46,14 +46,21 @@ def proxy_middlewares() -> list[Any]:
     return [Middleware(BodyLimit, limit=limit)] if limit > 0 else []
 
 
+#: What a refused client may still send: read and dropped (never kept), so that the client, still
+#: sending, reads the 413 instead of a connection reset (a server that closes with unread input makes
+#: the kernel reset the connection, and the client loses the answer). Past it the connection is cut.
+DRAIN_BYTES = 64 << 20
+
+
 class BodyLimit:
     """ASGI middleware: a request whose body passes ``limit`` bytes gets a one-line 413 from the
-    proxy, and nothing past the limit is read.
+    proxy, and nothing past the limit is kept.
 
-    A ``Content-Length`` over the limit is answered before the app (the proxy's routing) runs. A
-    chunked body is counted as the proxy reads it: at the chunk that passes the limit the 413 is
-    sent, the app is told the client disconnected (the proxy stops reading and cancels the
-    replica's request), and whatever the app sends afterwards is dropped."""
+    A chunked body is counted as the proxy reads it: at the chunk that passes the limit, the rest of
+    the body is read and dropped (up to ``DRAIN_BYTES``), the 413 is sent, the app (the proxy's
+    routing) is told the client disconnected, so it cancels the replica's request, and whatever the
+    app sends afterwards is dropped. A declared ``Content-Length`` over the limit is answered before
+    the app runs, after dropping the body if it is within ``DRAIN_BYTES``."""
 
     def __init__(self, app: Callable[[Message, Receive, Send], Awaitable[None]], limit: int) -> None:
         self.app = app
@@ -65,6 +72,8 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
+            if int(declared) <= DRAIN_BYTES:
+                await drain(receive, DRAIN_BYTES)
             await refuse(send, f"request body of {int(declared)} bytes exceeds {self.limit} bytes (refused by the "
                                f"HTTP proxy)")
             return
@@ -77,11 +86,13 @@ class BodyLimit:
             if message.get("type") == "http.request":
                 state["read"] += len(message.get("body", b""))
                 if state["read"] > self.limit:
-                    state["cut"] = True  # nothing more is read from this client
+                    state["cut"] = True  # nothing more goes to the app
                     if not state["started"]:  # (an answer already under way is left to finish)
                         state["refused"] = True
-                        await refuse(send, f"request body exceeds {self.limit} bytes (the HTTP proxy stopped "
-                                           f"reading at {state['read']})")
+                        if message.get("more_body", False):
+                            await drain(receive, DRAIN_BYTES)
+                        await refuse(send, f"request body exceeds {self.limit} bytes (refused by the HTTP proxy "
+                                           f"at {state['read']} bytes)")
                     return {"type": "http.disconnect"}
             return message
 
@@ -95,8 +106,20 @@ class BodyLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
+async def drain(receive: Receive, budget: int) -> bool:
+    """Read and drop the rest of a request body, at most ``budget`` bytes; True when it ended."""
+    while budget > 0:
+        message = await receive()
+        if message.get("type") != "http.request":
+            return False
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
+
+
 async def refuse(send: Send, error: str) -> None:
-    """A one-line JSON 413 that closes the connection (the rest of the body is never read)."""
+    """A one-line JSON 413 that closes the connection."""
     body = json.dumps({"error": error}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
