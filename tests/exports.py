@@ -1,4 +1,5 @@
-"""Tiny exported models for the deployment tests, written by ftdist's own exporter.
+"""Tiny exported models for the deployment tests, written by ftdist's own exporter (and the HTTP helpers
+the serving tests share).
 
 A model built from a config (seeded), wrapped the way ``export_model`` sees a ZeRO-0/1/2 engine (it
 reads ``engine.module``), and exported with a run config, so the folder is exactly what a training
@@ -61,3 +62,42 @@ def wait_until_healthy(url: str, within_s: float, alive=None) -> None:
             pass
         assert time.monotonic() < deadline, f"{url} did not answer /healthz within {within_s:.0f} s"
         time.sleep(0.5)
+
+
+def send_chunked(port: int, total: int, piece: int = 64 * 1024) -> tuple[int | str, str, int, int]:
+    """POST /predict on loopback with a chunked body of ``total`` bytes, written by a thread while this
+    one waits for the answer: (status, or the error that reading it raised, e.g. a reset; body; bytes
+    the client had sent when the answer came; bytes sent in all)."""
+    import http.client
+    import socket
+    import threading
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sent = [0]
+
+    def pump() -> None:
+        chunk = b"%x\r\n" % piece + b"x" * piece + b"\r\n"
+        try:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            while sent[0] < total:
+                sock.sendall(chunk)
+                sent[0] += piece
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed the connection: expected once refused
+            pass
+
+    writer = threading.Thread(target=pump, daemon=True)
+    writer.start()
+    at = 0
+    try:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        at, status = sent[0], response.status
+        body = response.read().decode()
+    except OSError as e:  # reset: the server cut the connection while the client was still sending
+        status, body = type(e).__name__, ""
+    finally:
+        sock.close()
+        writer.join(30)
+    return status, body, at, sent[0]

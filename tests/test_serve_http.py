@@ -10,17 +10,14 @@ text limits get a defined answer (item 12).
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from conftest import NAMES, SERVE_LIMITS, free_port
-from exports import export_tiny, wait_until_healthy
+from exports import export_tiny, send_chunked, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -88,37 +85,6 @@ def test_a_bad_request_fails_alone_never_the_requests_batched_with_it(served):
             assert all(r.json()["prediction"]["label"] in NAMES for r in good)
             for r, (_, status, reason) in zip(bad, BAD):
                 assert_one_line_error(r, status, reason)
-
-
-def send_chunked(port: int, total: int, piece: int = 64 * 1024) -> tuple[int, str, int, int]:
-    """POST /predict with a chunked body of ``total`` bytes, written by a thread while this one waits
-    for the answer: (status, body, bytes the client had sent when the answer came, in all)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sent = [0]
-
-    def pump() -> None:
-        chunk = b"%x\r\n" % piece + b"x" * piece + b"\r\n"
-        try:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
-            while sent[0] < total:
-                sock.sendall(chunk)
-                sent[0] += piece
-            sock.sendall(b"0\r\n\r\n")
-        except OSError:  # the server answered and closed the connection: expected once refused
-            pass
-
-    writer = threading.Thread(target=pump, daemon=True)
-    writer.start()
-    try:
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        at = sent[0]
-        body = response.read().decode()
-    finally:
-        sock.close()
-        writer.join(30)
-    return response.status, body, at, sent[0]
 
 
 def test_a_chunked_body_past_the_limit_is_refused_while_it_is_read(served):
