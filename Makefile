@@ -55,7 +55,7 @@ test: $(STAMP) $(MLFLOW_SERVER_STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy ftdist
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x --durations=40 tests
 
 # The edit loop: every test not marked slow (no Ray cluster, no training run), in two processes (pytest-xdist;
 # unit tests share no state); the full suite is `make test`, serial, because its runs size Ray to the cores.
