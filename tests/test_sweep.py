@@ -473,8 +473,12 @@ def test_sweep_outputs_exist_and_agree(asha_sweep):
     for t in s["trials"]:
         scalars = read_scalars(d / "trials" / t["trial"] / "tensorboard")
         # A trial running when the driver was killed resumed from its last checkpoint and logged the
-        # epochs after it again (same steps): count the epochs, not the events.
-        assert len({step for step, _ in scalars["val/accuracy"]}) == t["epochs_run"], (t["trial"], scalars)
+        # epochs after it again (same steps): count the epochs, not the events. A trial the scheduler
+        # stopped may have written one more epoch than it reported: an epoch's scalars are on disk
+        # before its report (so none is lost), and the stop reaches the workers while they train on.
+        epochs = len({step for step, _ in scalars["val/accuracy"]})
+        extra = 1 if t["status"] != "completed" else 0
+        assert t["epochs_run"] <= epochs <= t["epochs_run"] + extra, (t["trial"], t["status"], scalars)
 
 
 @pytest.mark.slow
