@@ -41,6 +41,14 @@ from ftdist.config import StorageSection
 from ftdist.errors import UserError
 from ftdist.inference import ExportInfo, Predictor, locate_export
 from ftdist.redaction import redact_uri
+from ftdist.serve_proxy import (
+    ADMITTED_HEADER,
+    DRAIN_BOARD,
+    DRAIN_NAMESPACE,
+    DRAIN_POLL_S,
+    DRAINING_ERROR,
+    proxy_environment,
+)
 
 APP_NAME = "ftdist"
 log = logging.getLogger("ftdist.serve")
@@ -174,9 +182,11 @@ class DrainBoard:
     """What ``ftdist serve``'s driver and its replicas share while draining (a named Ray actor).
 
     Why: ``serve.shutdown`` kills the HTTP proxies at once, dropping every request in flight (36
-    of 40 were). So on SIGTERM the driver first raises the flag here; each replica polls it every
-    ``DRAIN_POLL_S``, then answers new requests 503 and reports its requests still running; the
-    driver shuts Serve down once every replica reports none (or the drain timeout passes)."""
+    of 40 were). So on SIGTERM the driver first raises the flag here; each proxy (ftdist/serve_proxy.py)
+    and replica polls it every ``DRAIN_POLL_S``, then answers new requests 503 and reports its requests
+    still running; the driver shuts Serve down once every one reports none (or the drain timeout
+    passes). A request the proxy admitted before the flag is answered by the replica even when the
+    replica saw the flag first."""
 
     def __init__(self) -> None:
         self.draining = False
@@ -198,12 +208,10 @@ class DrainBoard:
         import time
 
         now = time.monotonic()
-        return all(seen and n == 0 for n, seen, at in self.replicas.values() if now - at < 10 * DRAIN_POLL_S)
+        return all(seen and n == 0 for n, seen, at in self.replicas.values() if now - at < DRAIN_STALE_S)
 
 
-DRAIN_BOARD = "ftdist-serve-drain"  # the actor's name, in the DRAIN_NAMESPACE namespace
-DRAIN_NAMESPACE = "ftdist"
-DRAIN_POLL_S = 0.1
+DRAIN_STALE_S = 5.0  # a reporter silent this long has stopped (a loaded event loop may be late by seconds)
 DRAIN_GRACE_S = 0.5  # after the last handler returned: its response still crosses the proxy
 
 
@@ -269,9 +277,8 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:
             self.watch()
-            if self.draining:
-                return JSONResponse({"error": "the service is draining (shutting down); send the request "
-                                              "to another instance or retry later"}, 503)
+            if self.draining and ADMITTED_HEADER.decode() not in request.headers:
+                return JSONResponse({"error": DRAINING_ERROR}, 503)
             self.in_flight += 1
             try:
                 return await self.answer(request)
@@ -382,7 +389,6 @@ def start(opts: ServeOptions, say: Callable[[str], None] | None = None,
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         from ftdist.ray_cluster import init_ray  # the one ray.init: local mode never joins a recorded cluster
-        from ftdist.serve_proxy import proxy_environment
 
         # Inherited by every process of the cluster started here: its HTTP proxy refuses a body past the
         # limit while reading it, not after queueing it for the replica (ftdist/serve_proxy.py).

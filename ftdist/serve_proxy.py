@@ -18,8 +18,10 @@ This module is imported by the proxy process: it imports nothing from ftdist and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import uuid
 from typing import Any, Awaitable, Callable
 
 #: Ray Serve's hook (ray.serve._private.constants): an import path of a function returning middlewares.
@@ -27,6 +29,15 @@ CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "ftdist.serve_proxy.proxy_middlewares"
 #: the largest request body, in bytes, the proxy reads (the replica's limit; unset or 0: no limit here)
 LIMIT_VARIABLE = "FTDIST_SERVE_MAX_BODY_BYTES"
+
+#: ``ftdist serve``'s DrainBoard actor (ftdist/serve.py), which its driver, proxies and replicas share
+DRAIN_BOARD = "ftdist-serve-drain"
+DRAIN_NAMESPACE = "ftdist"
+DRAIN_POLL_S = 0.1
+#: set by the proxy on each request it admitted before a drain (a client's own is dropped): the
+#: replica answers it even when it has seen the drain flag first
+ADMITTED_HEADER = b"x-ftdist-admitted"
+DRAINING_ERROR = "the service is draining (shutting down); send the request to another instance or retry later"
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -43,7 +54,68 @@ def proxy_middlewares() -> list[Any]:
     from starlette.middleware import Middleware
 
     limit = int(os.environ.get(LIMIT_VARIABLE) or 0)
-    return [Middleware(BodyLimit, limit=limit)] if limit > 0 else []
+    # Serve wraps its app in each middleware of the list in turn: the last is outermost, so a request
+    # that arrives while draining is answered 503 before its body is read.
+    return [*([Middleware(BodyLimit, limit=limit)] if limit > 0 else []), Middleware(Drain)]
+
+
+class Drain:
+    """ASGI middleware: while ``ftdist serve`` drains, the proxy answers new requests 503 and counts
+    those it admitted before, until their answer's last byte has left it.
+
+    Why at the proxy: the replicas' own count starts when a request reaches them and ends when their
+    handler returns; a request admitted before the drain but still in Serve's router, or an answer
+    still on its way through the proxy, is in neither, and ``serve.shutdown`` cut such requests under
+    load (12 and 45 in bench/serve_load runs). The count is reported to the DrainBoard like a
+    replica's, and the driver shuts Serve down only when every count is 0. Without a DrainBoard (a
+    cluster or RayService not run by ``ftdist serve``) requests pass untouched."""
+
+    def __init__(self, app: Callable[[Message, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+        self.board: Any = None
+        self.looked_up = False
+        self.draining = False
+        self.in_flight = 0
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http" or str(scope.get("path", "")).startswith("/-/") or not self.follow_board():
+            await self.app(scope, receive, send)  # Serve's own routes (/-/healthz) and no drain to follow
+            return
+        if self.draining:
+            await answer(send, 503, DRAINING_ERROR)
+            return
+        self.in_flight += 1
+        try:
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != ADMITTED_HEADER]
+            await self.app({**scope, "headers": [*headers, (ADMITTED_HEADER, b"1")]}, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def follow_board(self) -> bool:
+        """Find the DrainBoard once (it exists before Serve starts its proxies) and start reporting."""
+        if not self.looked_up:
+            self.looked_up = True
+            import ray
+
+            if not ray.is_initialized():  # not in a Ray process (tests): never start a cluster from here
+                return False
+            try:
+                self.board = ray.get_actor(DRAIN_BOARD, namespace=DRAIN_NAMESPACE)
+            except ValueError:
+                return False
+            self.watcher = asyncio.get_running_loop().create_task(self.report())
+        return self.board is not None
+
+    async def report(self) -> None:
+        """Report the count every ``DRAIN_POLL_S`` (each count taken after the flag was set, as a replica's)."""
+        me = f"proxy-{uuid.uuid4().hex}"
+        while True:
+            try:
+                self.draining = await self.board.report.remote(me, self.in_flight, self.draining) or self.draining
+            except Exception:  # the driver is gone: Serve is being shut down anyway
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
 
 
 #: What a refused client may still send: read and dropped (never kept), so that the client, still
@@ -74,7 +146,7 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.limit:
             if int(declared) <= DRAIN_BYTES:
                 await drain(receive, DRAIN_BYTES)
-            await refuse(send, f"request body of {int(declared)} bytes exceeds {self.limit} bytes (refused by the "
+            await answer(send, 413, f"request body of {int(declared)} bytes exceeds {self.limit} bytes (refused by the "
                                f"HTTP proxy)")
             return
         state = {"read": 0, "started": False, "refused": False, "cut": False}
@@ -91,7 +163,7 @@ class BodyLimit:
                         state["refused"] = True
                         if message.get("more_body", False):
                             await drain(receive, DRAIN_BYTES)
-                        await refuse(send, f"request body exceeds {self.limit} bytes (refused by the HTTP proxy "
+                        await answer(send, 413, f"request body exceeds {self.limit} bytes (refused by the HTTP proxy "
                                            f"at {state['read']} bytes)")
                     return {"type": "http.disconnect"}
             return message
@@ -118,10 +190,10 @@ async def drain(receive: Receive, budget: int) -> bool:
     return False
 
 
-async def refuse(send: Send, error: str) -> None:
-    """A one-line JSON 413 that closes the connection."""
+async def answer(send: Send, status: int, error: str) -> None:
+    """A one-line JSON error that closes the connection (the request's body may be unread)."""
     body = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

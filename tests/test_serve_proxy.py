@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from conftest import free_port
 from exports import send_chunked
-from ftdist.serve_proxy import DRAIN_BYTES, BodyLimit, proxy_environment, proxy_middlewares
+from ftdist.serve_proxy import DRAIN_BYTES, BodyLimit, Drain, proxy_environment, proxy_middlewares
 
 LIMIT = 1 << 20
 
@@ -107,7 +107,7 @@ def test_the_callback_reads_the_limit_from_the_environment(monkeypatch):
     assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "ftdist.serve_proxy.proxy_middlewares"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    [middleware] = proxy_middlewares()
-    assert middleware.cls is BodyLimit and middleware.kwargs == {"limit": 12345}
+    limit, drain = proxy_middlewares()  # Serve wraps in list order: the last, Drain, is outermost
+    assert limit.cls is BodyLimit and limit.kwargs == {"limit": 12345} and drain.cls is Drain
     monkeypatch.delenv("FTDIST_SERVE_MAX_BODY_BYTES")
-    assert proxy_middlewares() == []
+    assert [m.cls for m in proxy_middlewares()] == [Drain]
