@@ -83,4 +83,5 @@ def test_adversarial_load_then_sigterm_fails_no_good_request_and_drops_none(tmp_
     r = json.loads(out.read_text())
     assert r["good"] > 50 and r["bad"] > 5, r
     assert r["good_failed"] == {} and r["bad_not_4xx"] == {} and r["dropped_at_sigterm"] == {}, r
+    assert r["cut_past_drain_timeout"] == {}, r  # 8 clients: nothing should wait 20 s
     assert r["exit_code"] == 0, r["stderr_tail"]
