@@ -106,3 +106,9 @@ def test_lora_multitask_resumes_mid_epoch_to_the_same_result(tiny_bert, cls_data
     assert clean is not None and resumed is not None
     assert [e["val_loss"] for e in resumed["epochs"]] == [e["val_loss"] for e in clean["epochs"]]
     assert resumed["test"] == clean["test"]
+    for got, want in zip(resumed["epochs"], clean["epochs"], strict=True):
+        # The resumed epoch's train losses (each task's and the mean) and throughput cover its
+        # batches before the kill too, as a single-task run's do (issue 24, item 8).
+        for key in sorted(k for k in want if k.endswith("train_loss")):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
+        assert got["samples_per_s"] * got["train_time_s"] == pytest.approx(want["samples_per_s"] * want["train_time_s"])

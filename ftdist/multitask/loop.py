@@ -150,6 +150,12 @@ def log(s: Setup, msg: str) -> None:
         sys.stdout.flush()
 
 
+def mean_loss(totals: list[float], n_tasks: int) -> float:
+    """The mean training loss over every task's batches, from totals laid out as
+    [each task's loss sum..., each task's batch count..., ...]."""
+    return sum(totals[:n_tasks]) / max(sum(totals[n_tasks:2 * n_tasks]), 1)
+
+
 def all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -271,9 +277,13 @@ def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
         schedule = ms.schedule(epoch)
         cursors = ms.cursors(epoch, state.batch)
         streams = {t.name: task_stream(t.view.train_reader, cursors[t.name], t.batches) for t in ms.tasks}
-        t0, samples, tokens, start = time.perf_counter(), 0.0, 0.0, state.batch
+        t0, samples, tokens = time.perf_counter(), 0.0, 0.0
         loss_acc = torch.zeros(len(names), dtype=torch.float64, device=s.device)
         n_loss = [0] * len(names)
+        # Totals of the epoch's batches before a resume (each task's loss sum and count, tokens,
+        # samples, seconds): the epoch's record covers all its batches, as a single-task run's does.
+        width = 2 * len(names) + 3
+        carried = state.epoch_totals if state.batch and len(state.epoch_totals) == width else [0.0] * width
         try:
             for k in range(state.batch, S):
                 i = schedule[k]
@@ -305,22 +315,26 @@ def _train(ms: MultiSetup, tracker: Tracker) -> dict[str, Any] | None:
                 if mid_epoch_checkpoint_due(state.batch, S, gas, cfg.train.checkpoint_every_steps):
                     worst = -1e30 if mode == "max" else 1e30
                     stop_if_any_rank_diverged(s, loss_acc.sum().item() / max(sum(n_loss), 1), state.global_step)
+                    so_far = all_reduce(loss_acc.tolist() + n_loss + [tokens, samples], s.device)
+                    state.epoch_totals = [c + v for c, v in zip(carried, so_far + [time.perf_counter() - t0],
+                                                                strict=True)]
                     save_and_report(s, state, {"epoch": epoch + state.batch / S, "step": state.global_step,
+                                               "train_loss": mean_loss(state.epoch_totals, len(names)),
                                                f"val_{metric}": worst, "mid_epoch": True})
         finally:
             for g in streams.values():
                 g.close()
-        train_time = time.perf_counter() - t0
-        sums = all_reduce(loss_acc.tolist() + n_loss + [tokens, samples], s.device)
+        train_time = time.perf_counter() - t0 + carried[-1]
+        sums = [c + v for c, v in zip(carried, all_reduce(loss_acc.tolist() + n_loss + [tokens, samples], s.device))]
         task_loss = {n: sums[j] / max(sums[len(names) + j], 1) for j, n in enumerate(names)}
-        train_loss = sum(sums[:len(names)]) / max(sum(sums[len(names):2 * len(names)]), 1)
+        train_loss = mean_loss(sums, len(names))
         check_loss_finite(train_loss, engine.global_steps)
         throughput = {"samples_per_s": sums[-1] / train_time, "tokens_per_s": sums[-2] / train_time,
                       "mfu": mfu(s.n_params, sums[-2] / train_time, session.world_size, peak),
-                      "step_time_s": train_time / max(S - start, 1)}
+                      "step_time_s": train_time / max(S, 1)}
         per_task = evaluate_tasks(ms, "validation")
         val = combined({n: r[0] for n, r in per_task.items()})
-        state.epoch, state.batch = epoch + 1, 0
+        state.epoch, state.batch, state.epoch_totals = epoch + 1, 0, []
         state.tasks = {"cursors": ms.cursors(epoch + 1, 0)}
         improved = selection.end_of_epoch(state, val[metric], mode, cfg.train.early_stopping_min_delta,
                                           cfg.train.early_stopping_patience, cfg.train.epochs)
