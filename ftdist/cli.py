@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="non-secret environment variable for the job (repeatable)")
 
+    p = sub.add_parser("init", help="write a commented starter config for your own CSV (columns detected)")
+    p.add_argument("--csv", required=True, help="the CSV (or .tsv) file or URI: a header line, then one text per row")
+    p.add_argument("--output", help="the config file to write (default: NAME.yaml here, NAME from the CSV's name)")
+    p.add_argument("--text", help="the text column (default: detected, the longest non-numeric column)")
+    p.add_argument("--label", help="the label column (default: detected, a column with few distinct values)")
+    p.add_argument("--model", default=None, help="model folder or URI (default: the demo's all-MiniLM-L6-v2)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+
     p = sub.add_parser("config", help="print the fully resolved config (secrets redacted)")
     _add_config_args(p)
 
@@ -253,6 +261,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from ftdist.starter import DEFAULT_MODEL, write_starter
+
+    path, found = write_starter(args.csv, args.output, args.text, args.label, args.model or DEFAULT_MODEL,
+                                args.force)
+    print(f"wrote {path}: text column {found.text!r}, label column {found.label!r} ({len(found.classes)} classes), "
+          f"max_length {found.max_length}; check it, then: ftdist train {path}")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -337,7 +355,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "submit": cmd_submit, "tune": cmd_tune, "predict": cmd_predict,
-            "serve": cmd_serve, "pipeline": cmd_pipeline}
+            "serve": cmd_serve, "pipeline": cmd_pipeline, "init": cmd_init}
 
 
 def main(argv: list[str] | None = None) -> int:

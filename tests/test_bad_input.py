@@ -253,6 +253,13 @@ CASES = {
                                                  "--max-length 512 is more than model"),
     "data-set-longer-than-model-positions": (lambda w: train(w, data={"path": _long_copy(w)}),
                                              "holds rows of up to 512 tokens"),
+    # --- ftdist init --csv: nothing written, an existing config never replaced without --force
+    "init-missing-csv": (lambda w: ["init", "--csv", str(w["root"] / "nope.csv"), "--output", str(w["root"] / "i.yaml")],
+                         "does not exist"),
+    "init-one-class": (lambda w: ["init", "--csv", str(w["root"] / "raw.csv"), "--output", str(w["root"] / "i.yaml")],
+                       "label column 'label' has 1 distinct value(s)"),
+    "init-output-exists": (lambda w: ["init", "--csv", str(w["root"] / "raw.csv"), "--label", "label", "--output",
+                                      str(w["root"] / "raw.jsonl")], "exists; pass another --output, or --force"),
 }
 
 
@@ -306,7 +313,7 @@ def test_catalogue_is_large_enough():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     stated = re.search(r"bad input \((\d+) cases", readme)
-    assert stated and len(CASES) == int(stated[1]) == 89
+    assert stated and len(CASES) == int(stated[1]) == 92
 
 
 @pytest.mark.parametrize("labels, names, ids", [

@@ -55,6 +55,7 @@ COVERED = {
     """curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "love my new car"}'""":
         "test_train_the_demo_config_shows_ftdist_lines_not_library_noise",
     "python cluster/jobs/multitask_data.py": "test_multitask_data_script_as_written",
+    "ftdist init --csv my_tickets.csv && ftdist train my_tickets.yaml": "test_init_then_train_your_own_csv",
     # `ftdist submit` runs `python -m ftdist train <the shipped file>` as the Ray job: the same command on a
     # `ray start` cluster (a local `ftdist train` of it would add a minute of Ray start-up to the suite).
     "ftdist train cluster/jobs/multitask.yaml":
@@ -273,6 +274,31 @@ def _serve_and_curl(workdir: Path, env: dict) -> None:
         if serve.poll() is None:
             serve.kill()
             serve.communicate()
+
+
+@pytest.mark.slow
+def test_init_then_train_your_own_csv(workdir, tiny_bert):
+    """The README's own-CSV starter as written (a tiny model and 2 steps appended to the train)."""
+    import csv
+
+    rows = synthetic_rows(200)
+    with open(workdir / "my_tickets.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ticket", "subject", "queue"])
+        w.writerows([[r["id"], r["text"], r["label"]] for r in rows])
+    first, second = (shlex.split(c) for c in "ftdist init --csv my_tickets.csv && ftdist train my_tickets.yaml"
+                     .split(" && "))
+    p = _ftdist(workdir, *first[1:], "--model", tiny_bert)
+    assert p.returncode == 0 and "text column 'subject', label column 'queue' (3 classes)" in p.stdout, p.stderr
+    env = _ray_env(workdir)
+    try:
+        q = _ftdist(workdir, *second[1:], "--set", "scaling.num_workers=1", "--set", "train.epochs=1",
+                    "--set", "train.max_steps_per_epoch=2", env=env)
+    finally:
+        _cleanup(env)
+    assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
+    summary = json.loads((workdir / "runs" / "my_tickets" / "summary.json").read_text())
+    assert summary["rows"]["train"] + summary["rows"]["validation"] + summary["rows"]["test"] == 200
 
 
 @pytest.mark.slow
