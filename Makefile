@@ -55,10 +55,12 @@ test: $(STAMP) $(MLFLOW_SERVER_STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy ftdist
-	$(BIN)/python -m pytest -q -x --durations=40 tests
+	$(BIN)/python -m pytest -q -x -n 2 -m "not slow" tests
+	$(BIN)/python -m pytest -q -x --durations=40 -m slow tests
 
 # The edit loop: every test not marked slow (no Ray cluster, no training run), in two processes (pytest-xdist;
-# unit tests share no state); the full suite is `make test`, serial, because its runs size Ray to the cores.
+# unit tests share no state). `make test` runs them the same way, then the slow tier serially, because its
+# runs size Ray to the cores.
 test-fast: $(STAMP)
 	$(BIN)/ruff check ftdist tests bench
 	$(BIN)/lint-imports
