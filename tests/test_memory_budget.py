@@ -38,7 +38,8 @@ def base_bert(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def base_data(tmp_path_factory, base_bert) -> str:
     d = tmp_path_factory.mktemp("base-data")
-    return prepare_local(write_jsonl(d / "raw.jsonl", synthetic_rows(240)), d / "ds", base_bert)
+    # 120 rows: 2 steps of 4 per worker, and 12 validation and 12 test rows (each a forward of a 385M model)
+    return prepare_local(write_jsonl(d / "raw.jsonl", synthetic_rows(120)), d / "ds", base_bert)
 
 
 def _config(tmp_path: Path, model: str, data: str, zero_stage: int, enforce: bool = True) -> Path:
