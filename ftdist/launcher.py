@@ -28,6 +28,7 @@ from ftdist.errors import RunFailed
 from ftdist.failures import (describe_failure, diverged_loss_from_ray, memory_limit_from_ray, storage_outage_from_ray,
                              user_error_from_ray)
 from ftdist.metrics import majority_baseline
+from ftdist.model_card import write_cards
 from ftdist.mlflow_tracking import log_run_outputs
 from ftdist.multitask.preflight import add_task_summary, multitask_preflight, task_lines
 from ftdist.plots import write_run_plots
@@ -168,6 +169,7 @@ def _train_and_report(cfg: RunConfig, started_at: float, state: str, facts: dict
         add_task_summary(summary, facts)
     summary["diagnoses"] = diagnose(summary)
     plots = write_run_plots(cfg, summary)
+    write_cards(summary, cfg.storage)  # each export's README.md: what it is, its numbers, how to load it
     log_run_outputs(cfg, summary, plots)  # before summary.json: a run is complete once everything is recorded
     storage.write_text(join_uri(run_uri, layout.SUMMARY), json.dumps(summary, indent=1), cfg.storage)
     return summary

@@ -101,3 +101,21 @@ def send_chunked(port: int, total: int, piece: int = 64 * 1024) -> tuple[int | s
         sock.close()
         writer.join(30)
     return status, body, at, sent[0]
+
+
+def card_metadata(folder: Path) -> tuple[dict, str]:
+    """The YAML metadata and the text of an export's model card (README.md)."""
+    import yaml
+
+    _, meta, text = (folder / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(meta), text
+
+
+def assert_card_matches(folder: Path, test: dict, name: str) -> None:
+    """The card's model-index holds exactly the run summary's test metrics, under the run's (or task's) name."""
+    meta, text = card_metadata(folder)
+    [entry] = meta["model-index"]
+    [result] = entry["results"]
+    assert entry["name"] == name and result["dataset"]["split"] == "test"
+    assert {m["name"]: m["value"] for m in result["metrics"]} == test
+    assert "## How to load" in text and "## The run's diagnoses" in text

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FILLER, base_config, prepare_local, train_killing_a_worker, write_jsonl
+from exports import assert_card_matches
 from ftdist import run_folder as layout
 from ftdist.config import load_config
 from ftdist.launcher import format_summary
@@ -87,6 +88,7 @@ def test_multitask_run_killed_mid_epoch_resumes_every_task_and_exports_a_model_p
         assert 0 < info["baseline"]["majority_class_accuracy"] < 1 and "accuracy" in info["test"]
         model = AutoModelForSequenceClassification.from_pretrained(info["model_uri"])
         assert model.config.id2label == labels
+        assert_card_matches(Path(info["model_uri"]), info["test"], task)  # each task export's README.md
     assert (run / "model" / "multitask" / "model.safetensors").exists()
     assert summary["tasks"]["sentiment"]["test"]["accuracy"] > summary["tasks"]["sentiment"]["baseline"][
         "majority_class_accuracy"], "the sentiment head learned nothing"

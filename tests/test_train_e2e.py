@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_language_model_learned, base_config, synthetic_rows, write_jsonl
+from exports import assert_card_matches
 from ftdist.config import load_config
 from ftdist.launcher import run_training
 
@@ -52,6 +53,7 @@ def test_zero_stage_trains_exports_and_predicts_identically(stage, tiny_bert, cl
     assert _predict(str(run / "model"), cls_data) == worker_preds
     cfg_text = (run / "config.yaml").read_text()
     assert f"zero_stage: {stage}" in cfg_text
+    assert_card_matches(run / "model", summary["test"], f"z{stage}")  # the export's README.md: the summary's numbers
 
 
 def test_causal_lm_trains_reports_perplexity_and_exports(tiny_gpt, clm_data, tmp_path, ray_local):
