@@ -675,7 +675,8 @@ def run_first_step(args: argparse.Namespace, work: str) -> dict[str, Any]:
     }
     if args.first_step_only:
         runs = {k: v for k, v in runs.items() if any(s in k for s in args.first_step_only)}
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}
+    # Ray Train's INFO lines are the timeline's marks (ftdist shows only its warnings otherwise)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_LOG_LEVEL": "INFO"}
     out = []
     for label, extra in runs.items():
         name = "fs-" + ("tiny" if label.startswith("tiny") else "demo") + f"-{int(time.time())}"

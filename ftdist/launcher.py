@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import logging
 import sys
 import time
@@ -38,6 +39,7 @@ from ftdist.ray_cluster import connect_ray, use_gpu, wait_for_resources, worker_
 from ftdist.ray_worker import worker_entry
 
 log = logging.getLogger("ftdist")
+RAY_TRAIN_LOG_LEVEL = "RAY_TRAIN_LOG_LEVEL"  # the environment variable of Ray Train's console log level
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ log = logging.getLogger("ftdist")
 def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_from: str | None = None) -> Any:
     """The TorchTrainer for ``cfg`` (also used by each Tune trial). ``restore_from``: a checkpoint URI
     a run without checkpoints of its own starts from (PBT: another trial's state)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg.resolved()  # storage and run name as used; train_loop_config below keeps the references
@@ -65,12 +67,16 @@ def build_trainer(cfg: RunConfig, callbacks: list[Any] | None = None, restore_fr
                                      resources_per_worker={k: v for k, v in per_worker.items()
                                                            if not k.startswith("accelerator_type")},
                                      accelerator_type=cfg.scaling.accelerator_type),
-        run_config=RayRunConfig(
+        run_config=RayRunConfig(  # type: ignore[call-arg]  # v2's RunConfig (logging_config); the stubs show v1's
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_checkpoints_to_keep,
                                                checkpoint_score_attribute=metric,
                                                checkpoint_score_order=cfg.eval_mode),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Ray Train's INFO lines (resources requested, worker group started, process group set up)
+            # are its bookkeeping, not the user's: warnings and errors still show. RAY_TRAIN_LOG_LEVEL=INFO
+            # brings them back (bench/throughput.py's first-step timeline reads them).
+            logging_config=LoggingConfig(log_level=os.environ.get(RAY_TRAIN_LOG_LEVEL, "WARNING")),
             callbacks=callbacks or None),
     )
 

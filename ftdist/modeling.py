@@ -353,6 +353,13 @@ def _from_pretrained_quietly(cls: Any, local: str, **kw: Any) -> Any:
         log.warning("%d weight(s) are not in the checkpoint at %s and start random (%s%s); is model.path the "
                     "pre-trained model you meant?", len(foreign), local, ", ".join(foreign[:4]),
                     ", ..." if len(foreign) > 4 else "")
-    elif missing:
-        log.info("new task head initialised: %s", ", ".join(missing))
+    elif missing and _first_rank():  # the same on every rank: said once
+        log.info("[ftdist] new task head initialised: %s", ", ".join(missing))
     return model
+
+
+def _first_rank() -> bool:
+    """Rank 0 of the worker group, or a process outside one."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

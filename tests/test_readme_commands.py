@@ -168,6 +168,12 @@ NOISE = ("FutureWarning", "Writing model shards", "Loading weights", "Token auth
          "has constructor arguments in the object store", "Failed to query Ray Train Controller")  # ray_noise
 
 
+#: ftdist's own output: "[ftdist] ..." lines (from a worker: behind Ray's "(RayTrainWorker pid=N) "), the
+#: end-of-run report ("run '...':" and its indented lines) and blank lines. Anything else in a healthy
+#: demo run is library noise (issue 30: the output is ftdist's lines plus genuine warnings only).
+OWN_LINE = re.compile(r"^(\(RayTrainWorker pid=\d+\) )?\[ftdist\] |^run '[\w-]+' \(|^  \S|^\s*$")
+
+
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
     """A scratch 'repository root': the shipped cluster/ and tune/ folders, nothing else."""
@@ -227,6 +233,8 @@ def test_train_the_demo_config_shows_ftdist_lines_not_library_noise(workdir, tin
         assert "[ftdist] preparing data set" in out and "run 'demo' (2 worker(s)" in out and "exported model:" in out
         noise = [n for n in NOISE if n in out]
         assert not noise, f"library noise in the demo's output: {noise}\n{out[-4000:]}"
+        unknown = [line for line in out.splitlines() if not OWN_LINE.match(line)]
+        assert not unknown, "lines that are not ftdist's in the demo's output:\n" + "\n".join(unknown[:20])
 
         t0 = time.monotonic()
         q = _ftdist(workdir, *shlex.split(PREDICT_SPLIT)[1:], env=env, timeout=300)
