@@ -14,6 +14,11 @@ PREEMPTION = ("[2026-12-07 17:48:54,126 E 29659 29695] core_worker.cc:2465: Acto
               "details.")
 CLEANER = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
            "Continuing to monitor.")
+STARTUP = ("WARNING: 8 PYTHON worker processes have been started on node: 65429efe1ae0a7ef3ee54f386ec784557bd7f556b08"
+           "1a3717f853c3e with address: 192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could "
+           "be a result of using a large number of actors, tasks blocked in ray.get() calls, or tasks with fractional "
+           "CPU requests (e.g., num_cpus=0.1) allowing high concurrency. See https://github.com/ray-project/ray/issues/"
+           "3644 for some discussion of workarounds.")
 
 
 def test_only_the_listed_lines_are_dropped():
@@ -21,6 +26,7 @@ def test_only_the_listed_lines_are_dropped():
     handle = filtered(got.append)
     handle({"pid": 1, "lines": [PREEMPTION, "[ftdist] epoch 1/2", CLEANER]})
     handle({"pid": 2, "lines": [CLEANER, CLEANER]})  # nothing left: nothing printed, not an empty batch
+    handle({"pid": "raylet", "lines": [STARTUP]})
     handle({"pid": 3, "lines": ["Actor with class name: 'MyActor' and ID: 'x' has constructor arguments in the "
                                 "object store and max_restarts > 0."]})  # another actor's: the user's own
     assert got == [{"pid": 1, "lines": ["[ftdist] epoch 1/2"]},
@@ -39,3 +45,7 @@ def test_the_filter_wraps_the_handler_ray_installs(ray_module):
     assert quiet_ray_noise() and quiet_ray_noise()  # idempotent
     wrapped = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
     assert len(wrapped) == 1 and getattr(wrapped[0], "ftdist_filtered", False)
+    # the raylet's messages come by another path (listen_error_messages -> print_to_stdstream)
+    from ray._private import worker as ray_worker
+
+    assert getattr(ray_worker.print_to_stdstream, "ftdist_filtered", False)

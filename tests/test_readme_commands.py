@@ -169,9 +169,10 @@ NOISE = ("FutureWarning", "Writing model shards", "Loading weights", "Token auth
 
 
 #: ftdist's own output: "[ftdist] ..." lines (from a worker: behind Ray's "(RayTrainWorker pid=N) "), the
-#: end-of-run report ("run '...':" and its indented lines) and blank lines. Anything else in a healthy
+#: end-of-run or end-of-sweep report ("run '...' (...):", "sweep '...' (...)" and their indented lines)
+#: and blank lines. Anything else in a healthy
 #: demo run is library noise (issue 30: the output is ftdist's lines plus genuine warnings only).
-OWN_LINE = re.compile(r"^(\(RayTrainWorker pid=\d+\) )?\[ftdist\] |^run '[\w-]+' \(|^  \S|^\s*$")
+OWN_LINE = re.compile(r"^(\(RayTrainWorker pid=\d+\) )?\[ftdist\] |^(run|sweep) '[\w-]+' \(|^  \S|^\s*$")
 
 
 @pytest.fixture()
@@ -361,6 +362,8 @@ def test_demo_sweeps_and_resume(workdir, tiny_bert):
         asha = ["--set", "num_samples=4", "--set", "train.max_steps_per_epoch=20", *small]
         p = _ftdist(workdir, "tune", "tune/demo-asha.yaml", *asha, env=env, timeout=900)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        unknown = [line for line in (p.stdout + p.stderr).splitlines() if not OWN_LINE.match(line)]
+        assert not unknown, "lines that are not ftdist's in the sweep's output:\n" + "\n".join(unknown[:20])
         d = workdir / "runs" / "sweeps" / "demo-asha"
         s = json.loads((d / "sweep_summary.json").read_text())
         assert s["num_trials"] == 2 and s["status"] == "completed" and (d / "best_model").is_dir()

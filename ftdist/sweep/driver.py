@@ -144,7 +144,18 @@ def run_sweep(rs: ResolvedSweep, resume: bool = False, address: str | None = Non
         base["tracking"]["mlflow"]["parent_run_id"] = parent
         rs = dataclasses.replace(rs, base=base)
     tuner = make_tuner(rs, limit, resume=state == "resume")
-    tuner.fit()
+    # Tune's output engine prints an experiment banner whatever `verbose` is, with a TensorBoard path in
+    # Ray's temp folder (the trials' TensorBoard files are in their run folders: README, Sweeps); the
+    # legacy engine at verbose=0 prints nothing, and ProgressPrinter says what happens.
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
     records = collect_trials(rs)
     summary = write_outputs(rs, records, started_at=started, concurrency=limit, resumed=state == "resume")
     finish_sweep_parent(cfg, rs.sweep_uri, parent, summary)
