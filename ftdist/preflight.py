@@ -17,6 +17,7 @@ from typing import Any
 from ftdist import run_folder as layout
 from ftdist import storage
 from ftdist.config import RunConfig, StorageSection, config_record, dump_config
+from ftdist.data.naming import CONFIG_KEYS, named_as
 from ftdist.uri import join_uri
 from ftdist.data.manifest import (MANIFEST, check_compatible, check_shards_present, load_manifest,
                                   tokenizer_fingerprint)
@@ -51,8 +52,9 @@ def prepare_data_if_needed(cfg: RunConfig, data_task: str | None = None) -> None
                           "set data.max_length to {limit} or less")
     print(f"[ftdist] preparing data set {cfg.data.path} from {cfg.data.prepare.input}", flush=True)
     t0 = time.time()
-    ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
-                 task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
+    with named_as(CONFIG_KEYS):  # errors name the config keys the user wrote, not data prepare's flags
+        ms = prepare(cfg.data.prepare, cfg.data.path, cfg.model.tokenizer or cfg.model.path, cfg.data.max_length,
+                     task, cfg.storage, seed=cfg.run.seed, label_names=cfg.model.label_names)
     print(f"[ftdist] prepared {', '.join(f'{k}: {m.num_rows} rows' for k, m in ms.items())} "
           f"in {time.time() - t0:.1f}s", flush=True)
 

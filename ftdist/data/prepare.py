@@ -43,6 +43,7 @@ from ftdist.config import PrepareSection, StorageSection
 from ftdist.uri import join_uri
 from ftdist.redaction import redact_uri
 from ftdist.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, TokenLengths, tokenizer_fingerprint
+from ftdist.data.naming import named
 from ftdist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ MAX_CLASSES = 100_000  # integer labels are ids 0..K-1; a larger K is a wrong co
 def check_encoding(encoding: str) -> None:
     """Refuse an encoding Python cannot decode text with, before anything is read: an unknown name
     (or a bytes-to-bytes codec such as base64) would otherwise fail mid-read with a LookupError."""
-    where = "--encoding / data.prepare.encoding"
+    where = named("encoding")
     try:
         info = codecs.lookup(encoding)
     except (LookupError, TypeError, ValueError):
@@ -72,7 +73,7 @@ def detect_format(uri: str, fmt: str) -> str:
     for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".parquet", "parquet")):
         if name.endswith(ext):
             return f
-    raise UserError(f"cannot tell the format of '{redact_uri(uri)}' from its name; pass --format jsonl|csv|parquet")
+    raise UserError(f"cannot tell the format of '{redact_uri(uri)}' from its name; pass {named('format')} jsonl|csv|parquet")
 
 
 def iter_raw(uri: str, fmt: str, encoding: str, columns: list[str], cfg: StorageSection) -> Iterator[pa.RecordBatch]:
@@ -82,7 +83,7 @@ def iter_raw(uri: str, fmt: str, encoding: str, columns: list[str], cfg: Storage
 
     fs, path = storage.filesystem(uri, cfg)
     if not storage.exists(uri, cfg):
-        raise UserError(f"input '{redact_uri(uri)}' does not exist; check --input")
+        raise UserError(f"input '{redact_uri(uri)}' does not exist; check {named('input')}")
     try:
         with fs.open(path, "rb", compression="infer") as f:
             if fmt == "parquet":
@@ -112,7 +113,7 @@ def iter_raw(uri: str, fmt: str, encoding: str, columns: list[str], cfg: Storage
     except (pa.ArrowInvalid, UnicodeError) as e:  # UnicodeError: also codecs such as 'undefined' that refuse all
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"input '{redact_uri(uri)}' could not be parsed as {fmt}: {first}; "
-                        f"check --format/--encoding") from None
+                        f"check {named('format')}/{named('encoding')}") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz name on a file that is not (whole) gzip
         raise UserError(f"input '{redact_uri(uri)}' could not be decompressed ({type(e).__name__}: {e}); "
                         f"check the file, or rename it if it is not compressed") from None
@@ -130,7 +131,7 @@ def _check_columns(uri: str, names: list[str], wanted: list[str], present: list[
     missing = [c for c in wanted if c not in have]
     if missing:
         raise UserError(f"input '{redact_uri(uri)}' has no column {missing[0]!r} (columns: {', '.join(have)}); "
-                        f"set --text-field/--label-field")
+                        f"set {named('text_field')}/{named('label_field')}")
 
 
 @dataclass
@@ -339,28 +340,30 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
     if task in ("causal-lm", "masked-lm"):  # unlabelled text
         spec = spec.model_copy(update={"label_field": None})
     elif not spec.label_field:
-        raise UserError(f"{task} needs labels; pass --label-field (or use --task causal-lm / masked-lm for unlabelled text)")
+        raise UserError(f"{task} needs labels; set {named('label_field')} (or use {named('task')} causal-lm / masked-lm "
+                        f"for unlabelled text)")
     if (len(spec.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in spec.split)
             or abs(sum(spec.split) - 1) > 1e-6 or spec.split[0] <= 0):
-        raise UserError(f"--split {','.join(map(str, spec.split))} must be three fractions train,validation,test "
+        raise UserError(f"{named('split')} {','.join(map(str, spec.split))} must be three fractions train,validation,test "
                         f"that add up to 1, e.g. 0.8,0.1,0.1")
     check_encoding(spec.encoding)
     if spec.label_field is not None and spec.label_field == spec.text_field:
         raise UserError(f"the text and the labels cannot both come from column {spec.text_field!r}; "
-                        f"set --text-field and --label-field (data.prepare.text_field/label_field) to two columns")
+                        f"set {named('text_field')} and {named('label_field')} to two columns")
     if label_names is not None and (not all(label_names) or len(set(label_names)) != len(label_names)):
-        raise UserError(f"label names {','.join(label_names)!r} (--label-names / model.label_names) must be "
+        raise UserError(f"label names {','.join(label_names)!r} ({named('label_names')}) must be "
                         f"distinct, non-empty class names in id order, e.g. negative,neutral,positive")
     existing = [s for s in SPLITS if storage.exists(join_uri(output, s, MANIFEST), cfg)]
     if existing and not overwrite:
         raise UserError(f"output '{redact_uri(output)}' already holds a data set ({', '.join(existing)}); "
-                        f"choose another --output or pass --overwrite")
+                        f"choose another {named('output')} or pass --overwrite")
     if spec.pack and (task == "sequence-classification" or not spec.tokenize or spec.keep_text):
-        raise UserError("--pack (data.prepare.pack) packs unlabelled text of --task causal-lm or masked-lm into "
-                        "tokenized max_length blocks; it cannot be combined with sequence-classification, --raw-text "
-                        "or --keep-text")
+        raise UserError(f"{named('pack')} packs unlabelled text of {named('task')} causal-lm or masked-lm into "
+                        f"tokenized max_length blocks; it cannot be combined with sequence-classification, "
+                        f"{named('raw_text')} or {named('keep_text')}")
     if spec.tokenize and not tokenizer_path:
-        raise UserError("tokenizing needs a tokenizer; pass --model (or --raw-text to tokenize on the fly)")
+        raise UserError(f"tokenizing needs a tokenizer; set {named('model')} (or {named('raw_text')} to tokenize on "
+                        f"the fly)")
     tok = load_tokenizer(tokenizer_path, trust_remote_code=False) if spec.tokenize and tokenizer_path else None
     fmt = detect_format(spec.input, spec.format)
     columns = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
@@ -422,7 +425,7 @@ def prepare(spec: PrepareSection, output: str, tokenizer_path: str | None, max_l
             n = sum(s.rows for s in w.shards)
             if n == 0 and w.name == "train":
                 raise UserError(f"the train split of '{redact_uri(spec.input)}' would be empty; use more rows or a "
-                                f"larger train fraction in --split")
+                                f"larger train fraction in {named('split')}")
             m = Manifest(
                 split=w.name, task=task, num_rows=n, shards=w.shards,
                 max_length=max_length if spec.tokenize else None,
@@ -473,7 +476,7 @@ def _label_map(values: dict[Any, int], names: list[str] | None, uri: str) -> dic
     are named classes; a mix of both is refused (which integer would be which name?)."""
     vals = [v for v in values if v is not None]
     if not vals:
-        raise UserError(f"input '{redact_uri(uri)}' has no labels in the label column; check --label-field")
+        raise UserError(f"input '{redact_uri(uri)}' has no labels in the label column; check {named('label_field')}")
     ints = [v for v in vals if isinstance(v, int)]
     if ints and len(ints) != len(vals):
         name = next(v for v in vals if not isinstance(v, int))
@@ -486,7 +489,7 @@ def _label_map(values: dict[Any, int], names: list[str] | None, uri: str) -> dic
         k = len(names) if names else top + 1
         if k > MAX_CLASSES:
             raise UserError(f"input '{redact_uri(uri)}' has label {top}: integer labels are class ids 0..K-1 and "
-                            f"more than {MAX_CLASSES} classes is not a classification data set; check --label-field")
+                            f"more than {MAX_CLASSES} classes is not a classification data set; check {named('label_field')}")
         if top >= k:
             raise UserError(f"input '{redact_uri(uri)}' has label {top} but only {k} label names were given; "
                             f"labels must be 0..{k - 1}")
@@ -495,7 +498,7 @@ def _label_map(values: dict[Any, int], names: list[str] | None, uri: str) -> dic
     if names:
         unknown = [v for v in strs if v not in names]
         if unknown:
-            raise UserError(f"input '{redact_uri(uri)}' has label {unknown[0]!r} not in --label-names "
+            raise UserError(f"input '{redact_uri(uri)}' has label {unknown[0]!r} not in {named('label_names')} "
                             f"({', '.join(names)}); add it or fix the data")
         return {n: i for i, n in enumerate(names)}
     return {v: i for i, v in enumerate(strs)}
