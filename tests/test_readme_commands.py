@@ -423,8 +423,10 @@ def test_the_pipeline_example_runs_and_prints_the_matrix(workdir, tiny_bert):
         _cleanup(env)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    assert "R[after stage][on set]:" in out and "in-domain (perplexity)" in out and "sentiment (accuracy)" in out
-    matrix = out[out.index("R[after stage][on set]:"):].splitlines()
+    # each number says which split it is from: the stage lines the run's test split, the matrix its sets' own
+    assert "its run's test split: loss" in out and "R[after stage][on set (metric, split)]:" in out
+    assert "in-domain (perplexity, validation)" in out and "sentiment (accuracy, validation)" in out, out
+    matrix = out[out.index("R[after stage][on set (metric, split)]:"):].splitlines()
     assert [line.split()[0] for line in matrix[2:5]] == ["start", "dapt", "task"], matrix[:6]
     summary = json.loads((workdir / "runs" / "pipelines" / "dapt" / "pipeline_summary.json").read_text())
     assert summary["status"] == "completed" and [len(r) for r in summary["matrix"]] == [3, 3]

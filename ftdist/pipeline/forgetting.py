@@ -34,6 +34,7 @@ class Column:
     stage: int  # s(j), 0-based
     metric: str
     mode: str  # "max" or "min"
+    split: str = ""  # the data set's split it is measured on (shown beside the metric)
 
 
 Matrix = list[list[float | None]]
@@ -75,7 +76,7 @@ def format_matrix(R: Matrix, baseline: list[float | None], rows: list[str], colu
                   scored: list[list[bool]] | None = None) -> list[str]:
     """The matrix as text lines: a row for the starting model, then one per stage. ``scored`` (rows:
     start, then each stage; default: all) marks entries that were not scored."""
-    names = [f"{c.name} ({c.metric})" for c in columns]
+    names = [f"{c.name} ({c.metric}{', ' + c.split if c.split else ''})" for c in columns]
     width = max(len(r) for r in ["after stage", "start", *rows])
     cw = [max(10, len(n)) for n in names]
     out = ["  " + "after stage".ljust(width) + "  " + "  ".join(n.rjust(w) for n, w in zip(names, cw))]

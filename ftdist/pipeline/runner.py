@@ -141,14 +141,16 @@ def write_summary(p: Pipeline, records: list[dict[str, Any]], wall: float, heatm
 def format_pipeline(summary: dict[str, Any]) -> str:
     """The human-readable end of a pipeline: the stages, the matrix and its summaries."""
     sets = summary["sets"]
-    columns = [Column(s["name"], 0, s["metric"], s["mode"]) for s in sets]
+    columns = [Column(s["name"], 0, s["metric"], s["mode"], s.get("split", "")) for s in sets]
     lines = [f"pipeline '{summary['pipeline']}' ({summary['status']}, {len(summary['stages'])} stage(s)):"]
     for r in summary["stages"]:
         test = "  ".join(f"{k} {v:.4f}" for k, v in (r.get("test") or {}).items())
         how = "kept (already completed)" if r["skipped"] else ("resumed" if r["resumed"] else "trained")
         lines.append(f"  stage '{r['name']}' ({r['task']}): {how} in {r['stage_s']:.0f}s, evaluation "
-                     f"{r['evaluation_s']:.1f}s; test: {test}")
-    lines.append("  R[after stage][on set]:")
+                     f"{r['evaluation_s']:.1f}s; its run's test split: {test}")
+    # the matrix's sets are measured on their own split (validation unless eval: says otherwise): the
+    # numbers differ from the stage lines' test split, and each column says which split it is
+    lines.append("  R[after stage][on set (metric, split)]:")
     lines += ["  " + x for x in format_matrix(summary["matrix"], summary["start"], summary["rows"], columns,
                                                 summary.get("scored"))]
     if not all(all(r) for r in summary.get("scored") or []):
