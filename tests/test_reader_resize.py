@@ -5,7 +5,7 @@ random data set layouts, batch sizes, world-size chains and interruption points 
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import prepare_local, synthetic_rows, write_jsonl
@@ -40,6 +40,8 @@ def _ids(batches) -> list[int]:
 @given(which=st.integers(0, 1), bs=st.integers(1, 9), worlds=st.lists(st.integers(1, 4), min_size=2, max_size=4),
        cuts=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), buffer=st.sampled_from([4, 16, 64]),
        bucketing=st.booleans(), epoch=st.integers(0, 2))
+@example(which=0, bs=1, worlds=[1, 2], cuts=[1.0, 0.0, 0.0], buffer=4, bucketing=False, epoch=0)
+@example(which=1, bs=1, worlds=[1, 2], cuts=[1.0, 0.0, 0.0], buffer=4, bucketing=False, epoch=0)
 def test_resized_epoch_trains_every_sample_exactly_once(datasets, which, bs, worlds, cuts, buffer, bucketing, epoch):
     ds = datasets[which]
     make = lambda rank, world: _reader(ds, rank, world, bs, buffer, bucketing)  # noqa: E731
