@@ -98,7 +98,8 @@ def card(summary: dict[str, Any], name: str, test: dict[str, float], rows: dict[
               f"Trained and evaluated on the data above only: its test split is the only evidence of quality. "
               f"Texts longer than {(cfg.get('data') or {}).get('max_length', 'the max_length')} tokens were cut in "
               f"training. Check the model on data from where it will be used before relying on it.",
-              "", "## How to load", "", "```python", _load_snippet(task), "```", "",
+              "", "## How to load", "", "```python",
+              _load_snippet(task, ((cfg["model"].get("lora") or {}).get("export") == "adapter")), "```", "",
               "Or with ftdist: `ftdist predict THIS_FOLDER --input DATA --output OUT`, "
               "`ftdist serve THIS_FOLDER`.", ""]
     return "\n".join(lines)
@@ -114,9 +115,15 @@ def write_cards(summary: dict[str, Any], cfg: StorageSection) -> list[str]:
     return written
 
 
-def _load_snippet(task: str) -> str:
+def _load_snippet(task: str, adapter: bool) -> str:
+    """Python that loads the export: a plain model, or (``lora.export: adapter``) peft's adapter on its base."""
     auto = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}.get(
         task, "AutoModelForSequenceClassification")
+    if adapter:
+        return (f"from peft import PeftModel\nfrom transformers import AutoTokenizer, {auto}\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")\n"
+                f"base = {auto}.from_pretrained(\"BASE_MODEL\")  # the model the adapter was trained on (above)\n"
+                f"model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")")
     return (f"from transformers import AutoTokenizer, {auto}\n\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")\n"
             f"model = {auto}.from_pretrained(\"THIS_FOLDER\")")

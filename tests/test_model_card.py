@@ -66,3 +66,12 @@ def test_a_multitask_run_has_a_card_per_task_export(tmp_path):
     score = yaml.safe_load(got["/x/score"].split("---\n")[1])
     assert score["model-index"][0]["results"][0]["metrics"] == [{"type": "rmse", "name": "rmse", "value": 0.3}]
     assert "tags" in score and "regression" in score["tags"] and "mean-predictor baseline rmse | 0.9000" in got["/x/score"]
+
+
+def test_an_adapter_export_says_to_load_it_with_peft_on_its_base(tmp_path):
+    summary = _summary(tmp_path)
+    summary["config"]["model"]["lora"] = {"export": "adapter"}
+    text = cards(summary)[0][1]
+    assert "PeftModel.from_pretrained(base, \"THIS_FOLDER\")" in text
+    assert "PeftModel" not in cards(_summary(tmp_path))[0][1]
+
