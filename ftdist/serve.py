@@ -48,6 +48,7 @@ from ftdist.serve_proxy import (
     DRAIN_POLL_S,
     DRAINING_ERROR,
     proxy_environment,
+    report_to_board,
 )
 
 APP_NAME = "ftdist"
@@ -266,13 +267,7 @@ def build_app(opts: ServeOptions, info: ExportInfo, gpus: float = 0.0) -> Any:
                 board = ray.get_actor(DRAIN_BOARD, namespace=DRAIN_NAMESPACE)
             except ValueError:
                 return
-            me = uuid.uuid4().hex
-            while True:
-                try:
-                    self.draining = await board.report.remote(me, self.in_flight, self.draining) or self.draining
-                except Exception:  # the driver is gone: Serve is being shut down anyway
-                    return
-                await asyncio.sleep(DRAIN_POLL_S)
+            await report_to_board(board, uuid.uuid4().hex, self)
 
         @api.post("/predict")
         async def predict(self, request: Request) -> JSONResponse:

@@ -108,14 +108,20 @@ class Drain:
         return self.board is not None
 
     async def report(self) -> None:
-        """Report the count every ``DRAIN_POLL_S`` (each count taken after the flag was set, as a replica's)."""
-        me = f"proxy-{uuid.uuid4().hex}"
-        while True:
-            try:
-                self.draining = await self.board.report.remote(me, self.in_flight, self.draining) or self.draining
-            except Exception:  # the driver is gone: Serve is being shut down anyway
-                return
-            await asyncio.sleep(DRAIN_POLL_S)
+        await report_to_board(self.board, f"proxy-{uuid.uuid4().hex}", self)
+
+
+async def report_to_board(board: Any, me: str, reporter: Any) -> None:
+    """Every ``DRAIN_POLL_S``, report ``reporter.in_flight`` and ``reporter.draining`` to the DrainBoard
+    and set ``reporter.draining`` once the board says so: a count sent with ``draining`` True was taken
+    after the flag was seen, so nothing admitted later is missing from it. The proxy's ``Drain`` and
+    each replica follow the board this way. Ends when the board is gone (Serve is shutting down)."""
+    while True:
+        try:
+            reporter.draining = await board.report.remote(me, reporter.in_flight, reporter.draining) or reporter.draining
+        except Exception:  # the driver is gone: Serve is being shut down anyway
+            return
+        await asyncio.sleep(DRAIN_POLL_S)
 
 
 #: What a refused client may still send: read and dropped (never kept), so that the client, still
